@@ -1,0 +1,99 @@
+"""create_app(): the lifespan opens PostgreSQL and Redis and loads the scripts; routers and handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+
+from preorder import __version__, cache, db, errors
+from preorder.auth import TokenVerifier
+from preorder.middleware import BodyLimit
+from preorder.orders.router import router as orders_router
+from preorder.orders.service import Orders
+from preorder.products.router import router as products_router
+from preorder.responses import Problem
+from preorder.service_routes import router as service_router
+from preorder.settings import Settings, get_settings
+from preorder.stock.service import Stock
+from preorder.workers.loops import run_forever
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    pool = await db.create_pool(settings)
+    redis = cache.create_redis(settings)
+    stock = Stock(redis, pool)
+    app.state.pool, app.state.redis, app.state.stock = pool, redis, stock
+    app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
+    app.state.verifier = TokenVerifier(settings)
+    worker = asyncio.create_task(run_forever(app.state.orders)) if settings.workers_enabled else None
+    try:
+        yield
+    finally:
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        await redis.aclose()
+        await asyncio.wait_for(pool.close(), timeout=5)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPIOffline(
+        title="preorder",
+        version=__version__,
+        description="Pre-sale orders that never oversell: stock reserved atomically in Redis, "
+        "orders durable in PostgreSQL. Errors are RFC 9457 problem+json.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or get_settings()
+    errors.register(app)
+    _map_outages(app)
+    app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
+    app.include_router(orders_router)
+    app.include_router(products_router)
+    app.include_router(service_router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _map_outages(app: FastAPI) -> None:
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        response = errors.problem(503, "unavailable", "Service unavailable", f"A dependency is down: {exc!r}")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    for exc_type in (*db.UNAVAILABLE, *cache.UNAVAILABLE):
+        app.add_exception_handler(exc_type, unavailable)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI declares 422 for validation; this service answers 400 problem+json, so say that."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = Problem.model_json_schema()
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            responses = op.get("responses", {})
+            validation = responses.get("422", {}).get("content", {}).get("application/json")
+            if validation is not None:
+                del responses["422"]["content"]["application/json"]
+                if not responses["422"]["content"]:
+                    del responses["422"]
+            if ("400" not in responses and op.get("parameters")) or op.get("requestBody"):
+                responses.setdefault("400", {"description": "Bad request", "content": {
+                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,32 @@
+"""The Redis client: created once in the lifespan, handed out by the `Redis` dependency."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from fastapi import Depends, Request
+
+from preorder.settings import Settings
+
+# Errors that mean "Redis is not answering right now": the request gets 503, never 500.
+UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+
+def create_redis(settings: Settings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        max_connections=256,
+    )
+
+
+def get_redis(request: Request) -> aioredis.Redis:
+    client: aioredis.Redis = request.app.state.redis
+    return client
+
+
+Redis = Annotated[aioredis.Redis, Depends(get_redis)]

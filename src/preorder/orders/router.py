@@ -1,0 +1,123 @@
+"""Order routes (seed-compatible): thin; rules live in service.py, SQL in repository.py."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+
+from preorder.auth import CurrentUser, Principal
+from preorder.errors import BadRequest, Forbidden
+from preorder.orders import repository as repo
+from preorder.orders.schemas import (
+    EventList,
+    EventOut,
+    OrderCreate,
+    OrderOut,
+    OrderPage,
+    Status,
+    StatusChange,
+)
+from preorder.orders.service import Orders, owner_filter, to_out
+from preorder.responses import problems
+from preorder.types import ID_PATTERN, Timestamp
+
+router = APIRouter(prefix="/api/preorder", tags=["orders"])
+IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=128,
+                                       pattern=r"^[\x21-\x7e]+$")]
+
+
+def get_orders(request: Request) -> Orders:
+    orders: Orders = request.app.state.orders
+    return orders
+
+
+OrdersDep = Annotated[Orders, Depends(get_orders)]
+
+
+async def owned_order(order_id: uuid.UUID, principal: CurrentUser, orders: OrdersDep) -> OrderOut:
+    """The order if this principal may see it; another customer's order is 404, as if it did not exist."""
+    return await orders.get(principal, order_id)
+
+
+OwnedOrder = Annotated[OrderOut, Depends(owned_order)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED,
+             responses=problems(400, 401, 403, 404, 409, 413, 422, 429, 503))
+async def create_order(
+    body: OrderCreate, principal: CurrentUser, orders: OrdersDep, response: Response, idem_key: IdemKey = None
+) -> OrderOut:
+    order, replayed = await orders.create(principal, body, idem_key)
+    response.headers["Location"] = f"/api/preorder/{order.order_id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return order
+
+
+@router.get("", responses=problems(400, 401, 403, 503))
+async def list_orders(
+    principal: CurrentUser,
+    orders: OrdersDep,
+    user_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    status_: Annotated[Status | None, Query(alias="status")] = None,
+    product_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    created_from: Timestamp | None = None,
+    created_to: Timestamp | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> OrderPage:
+    if created_from and created_to and created_to <= created_from:
+        raise BadRequest("created_to must be after created_from")
+    filters = repo.Filters(
+        user_id=_visible_user(principal, user_id), status=status_, product_id=product_id,
+        created_from=created_from, created_to=created_to, before_id=_decode_cursor(cursor),
+    )
+    rows = await repo.page(orders.pool, filters, limit=limit + 1)
+    items = [to_out(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return OrderPage(items=items, next_cursor=_encode_cursor(items[-1].order_id) if more else None)
+
+
+def _visible_user(principal: Principal, asked: str | None) -> str | None:
+    own = owner_filter(principal)
+    if own is not None and asked not in (None, own):
+        raise Forbidden("Customers can only list their own orders")
+    return own or asked
+
+
+def _encode_cursor(order_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(order_id.bytes).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> uuid.UUID | None:
+    if cursor is None:
+        return None
+    try:
+        return uuid.UUID(bytes=base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):
+        raise BadRequest("Invalid cursor") from None
+
+
+@router.get("/{order_id}", responses=problems(400, 401, 404, 503))
+async def get_order(order: OwnedOrder) -> OrderOut:
+    return order
+
+
+@router.put("/{order_id}", responses=problems(400, 401, 403, 404, 409, 413, 503))
+async def change_status(order: OwnedOrder, body: StatusChange, principal: CurrentUser, orders: OrdersDep) -> OrderOut:
+    return await orders.change_status(principal, order, body)
+
+
+@router.delete("/{order_id}", responses=problems(400, 401, 403, 404, 409, 503))
+async def cancel_order(order: OwnedOrder, principal: CurrentUser, orders: OrdersDep, _: IdemKey = None) -> OrderOut:
+    return await orders.cancel(principal, order, None)
+
+
+@router.get("/{order_id}/events", responses=problems(400, 401, 404, 503))
+async def order_events(order: OwnedOrder, orders: OrdersDep) -> EventList:
+    rows = await repo.events(orders.pool, order.order_id)
+    return EventList(order_id=order.order_id, items=[EventOut.model_validate(dict(r)) for r in rows])

@@ -1,0 +1,210 @@
+"""Order rules: create against a reservation, the status machine, idempotent retries, expiry."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from preorder.auth import Principal
+from preorder.db import PgConn, PgPool
+from preorder.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    InvalidTransition,
+    NotFound,
+    Unavailable,
+)
+from preorder.ids import new_id
+from preorder.orders import machine
+from preorder.orders import repository as repo
+from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
+from preorder.settings import Settings
+from preorder.stock.service import Reservation, Stock
+
+log = logging.getLogger("preorder.orders")
+
+
+def to_out(row: asyncpg.Record) -> OrderOut:
+    return OrderOut.model_validate(dict(row))
+
+
+def owner_filter(principal: Principal) -> str | None:
+    """Customers see only their own orders; admins see all."""
+    return None if principal.is_admin else principal.sub
+
+
+class Orders:
+    def __init__(self, *, pool: PgPool, redis: aioredis.Redis, stock: Stock, settings: Settings) -> None:
+        self.pool, self.redis, self.stock, self.settings = pool, redis, stock, settings
+
+    # ---- create ---------------------------------------------------------------------------------------
+
+    async def create(self, principal: Principal, body: OrderCreate, idem_key: str | None) -> tuple[OrderOut, bool]:
+        """Returns the order and whether it is a replay of an earlier request with the same key."""
+        user_id = self._customer_for(principal, body)
+        if body.quantity > self.settings.max_quantity:
+            raise BadRequest(f"quantity must be at most {self.settings.max_quantity}")
+        if idem_key is None:
+            return await self._create(user_id, body, None, None), False
+        fingerprint = hashlib.sha256(orjson.dumps(body.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+        replay = await self._replay(user_id, idem_key, fingerprint)
+        if replay is not None:
+            return replay, True
+        marker = f"po:idem:{{{user_id}}}:{idem_key}"
+        if not await self.redis.set(marker, fingerprint, nx=True, ex=int(self.settings.write_deadline_s * 2)):
+            raise IdempotencyInProgress("Retry once the first request has finished")
+        try:
+            return await self._create(user_id, body, idem_key, fingerprint), False
+        except asyncpg.UniqueViolationError:
+            # Another request with this key committed first (its marker was lost with Redis): replay it.
+            replay = await self._replay(user_id, idem_key, fingerprint)
+            if replay is None:
+                raise
+            return replay, True
+        finally:
+            await self.redis.delete(marker)
+
+    def _customer_for(self, principal: Principal, body: OrderCreate) -> str:
+        user_id = body.user_id or principal.sub
+        if user_id != principal.sub and not principal.is_admin:
+            raise Forbidden("Customers can only order for themselves")
+        return user_id
+
+    async def _replay(self, user_id: str, key: str, fingerprint: str) -> OrderOut | None:
+        found = await repo.find_idempotent(self.pool, user_id, key)
+        if found is None:
+            return None
+        if found["fingerprint"] != fingerprint:
+            raise IdempotencyMismatch("This Idempotency-Key was used with a different request body")
+        row = await repo.get(self.pool, found["order_id"], user_id=None)
+        assert row is not None
+        return to_out(row)
+
+    async def _create(self, user_id: str, body: OrderCreate, key: str | None, fingerprint: str | None) -> OrderOut:
+        order_id = new_id()
+        held = await self.stock.reserve(
+            product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id
+        )
+        new = repo.NewOrder(
+            order_id=order_id, product_id=body.product_id, user_id=user_id, quantity=body.quantity,
+            epoch=held.epoch, deadline=self._deadline(held), idempotency_key=key, fingerprint=fingerprint,
+            idempotency_ttl_s=self.settings.idempotency_ttl_s,
+        )
+        row = await self._write(new)
+        order = to_out(row)
+        if body.payment is not None:
+            order = await self._pay_at_once(order, body.payment, user_id)
+        return order
+
+    def _deadline(self, held: Reservation) -> datetime:
+        return datetime.fromtimestamp(held.reserved_at_ms / 1000, UTC) + timedelta(
+            seconds=self.settings.write_deadline_s
+        )
+
+    async def _write(self, new: repo.NewOrder) -> asyncpg.Record:
+        """Write the order; on a failure that surely wrote nothing, give the reservation back at once."""
+        try:
+            async with self.pool.acquire() as conn:
+                row = await _insert_or_unknown(conn, new)
+        except asyncpg.UniqueViolationError:
+            await self.stock.release(new.product_id, new.order_id)
+            raise
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            # The server refused the statement, or we never got a connection: nothing was written.
+            log.warning("order write failed, reservation released: %r", exc)
+            await self.stock.release(new.product_id, new.order_id)
+            raise Unavailable("The order store is unavailable; retry") from exc
+        if row is None:
+            await self.stock.release(new.product_id, new.order_id)
+            raise Unavailable("Stock was rebuilt while ordering; retry")
+        return row
+
+    async def _pay_at_once(self, order: OrderOut, payment: Payment, user_id: str) -> OrderOut:
+        actor = Principal(sub=user_id, role="customer")
+        try:
+            return await self.change_status(actor, order, StatusChange(status="paid", payment=payment))
+        except Exception:
+            await self.change_status(actor, order, StatusChange(status="cancelled", reason="payment_refused"))
+            raise
+
+    # ---- status machine -------------------------------------------------------------------------------
+
+    async def get(self, principal: Principal, order_id: uuid.UUID) -> OrderOut:
+        row = await repo.get(self.pool, order_id, user_id=owner_filter(principal))
+        if row is None:
+            raise NotFound(f"No order {order_id}")
+        return to_out(row)
+
+    async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange) -> OrderOut:
+        rule = machine.rule_for(order.status, change.status)
+        if rule is None:
+            raise InvalidTransition(f"An order can't go from {order.status} to {change.status}",
+                                    current=order.status)
+        if not machine.may(principal, rule):
+            raise Forbidden(f"Only an admin may mark an order {change.status}")
+        row = await self._transition(principal, order, change)
+        if row is None:  # lost a race: say what it is now
+            current = await self.get(principal, order.order_id)
+            raise InvalidTransition(f"The order is {current.status} now", current=current.status)
+        if rule.stock == "release":
+            await self.stock.release(order.product_id, order.order_id)
+        elif rule.stock == "drop":
+            await self.stock.drop(order.product_id, order.order_id)
+        return to_out(row)
+
+    async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange) -> asyncpg.Record | None:
+        paid = _check_payment(order, change) if change.status == "paid" else None
+        record = repo.Change(
+            order_id=order.order_id, frm=order.status, to=change.status, actor=principal.sub,
+            reason=change.reason or _DEFAULT_REASON[change.status],
+            payment_reference=paid.reference if paid else None, amount_paid=paid.amount if paid else None,
+        )
+        try:
+            return await repo.transition(self.pool, record)
+        except asyncpg.UniqueViolationError:
+            raise Conflict("This payment reference has already paid an order") from None
+
+    async def cancel(self, principal: Principal, order: OrderOut, reason: str | None) -> OrderOut:
+        """DELETE: cancelling a cancelled order answers the same and releases nothing."""
+        if order.status == "cancelled":
+            return order
+        return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason))
+
+    async def expire_due(self, *, limit: int = 500) -> int:
+        """Cancel unpaid orders past their window (safe to run in every process at once)."""
+        rows = await repo.expire_due(self.pool, limit=limit)
+        for r in rows:
+            await self.stock.release(r["product_id"], r["id"])
+        return len(rows)
+
+
+async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> asyncpg.Record | None:
+    try:
+        return await repo.insert(conn, new)
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):
+        # Lost mid-statement: it may or may not have committed. The hold stays for the reconciler,
+        # which frees it only after the write deadline has passed and if no order row exists.
+        raise Unavailable("The order store did not answer; retry") from None
+
+
+_DEFAULT_REASON = {"paid": "payment_confirmed", "shipped": "shipped", "completed": "completed",
+                   "cancelled": "cancelled_by_request"}
+
+
+def _check_payment(order: OrderOut, change: StatusChange) -> Payment:
+    payment = change.payment
+    if payment is None:
+        raise BadRequest("Marking an order paid needs payment.reference and payment.amount")
+    if payment.amount != order.amount_due or (payment.currency and payment.currency != order.currency):
+        raise Conflict(f"Payment must be exactly {order.amount_due} {order.currency}",
+                       amount_due=order.amount_due, currency=order.currency)
+    return payment

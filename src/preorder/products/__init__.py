@@ -1,0 +1,1 @@
+"""Products: admin-managed catalogue entries with stock, price and presale window."""

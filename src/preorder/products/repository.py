@@ -1,0 +1,59 @@
+"""All product SQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from preorder.db import PgConn, PgPool
+
+_COLUMNS = (
+    "id, name, price_amount, currency, total_stock, starts_at, ends_at, ships_at, per_user_limit, "
+    "payment_window_seconds, created_at, updated_at"
+)
+PATCHABLE = (
+    "name", "price_amount", "currency", "total_stock", "starts_at", "ends_at", "ships_at",
+    "per_user_limit", "payment_window_seconds",
+)
+
+
+async def insert(pool: PgPool, fields: dict[str, Any]) -> asyncpg.Record | None:
+    """None when the id is taken."""
+    names = list(fields)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(names) + 1))
+    return await pool.fetchrow(
+        f"INSERT INTO products ({', '.join(names)}) VALUES ({placeholders}) "
+        f"ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}",
+        *fields.values(),
+    )
+
+
+async def get(pool: PgPool | PgConn, product_id: str) -> asyncpg.Record | None:
+    return await pool.fetchrow(f"SELECT {_COLUMNS} FROM products WHERE id = $1", product_id)
+
+
+async def page(pool: PgPool, *, after: str | None, limit: int) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        f"SELECT {_COLUMNS} FROM products WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2", after, limit
+    )
+
+
+async def live_reserved(conn: PgConn, product_id: str) -> int:
+    value = await conn.fetchval(
+        "SELECT COALESCE(SUM(quantity), 0) FROM orders WHERE product_id = $1 AND status <> 'cancelled'",
+        product_id,
+    )
+    return int(value)
+
+
+async def update(conn: PgConn, product_id: str, changes: dict[str, Any]) -> asyncpg.Record:
+    names = [n for n in changes if n in PATCHABLE]
+    sets = ", ".join(f"{n} = ${i}" for i, n in enumerate(names, start=2))
+    row = await conn.fetchrow(
+        f"UPDATE products SET {sets}, updated_at = now() WHERE id = $1 RETURNING {_COLUMNS}",
+        product_id,
+        *(changes[n] for n in names),
+    )
+    assert row is not None
+    return row

@@ -1,0 +1,69 @@
+"""Every setting the service reads, from environment variables prefixed PREORDER_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_SECRET_LENGTH = 32
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREORDER_", extra="ignore")
+
+    env: Literal["dev", "test", "prod"] = "prod"
+    database_url: str = ""
+    redis_url: str = ""
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=10, ge=1)
+    # A statement that runs longer than this is cancelled by PostgreSQL itself, so a request
+    # never hangs on a stuck database and an order write can never commit late (see write_deadline).
+    db_statement_timeout_ms: int = Field(default=3_000, ge=100)
+    db_connect_timeout_s: float = Field(default=2.0, gt=0)
+    redis_timeout_s: float = Field(default=1.0, gt=0)
+
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_audience: str = "preorder"
+
+    max_quantity: int = Field(default=10, ge=1)
+    page_size_cap: int = Field(default=100, ge=1)
+    max_body_bytes: int = Field(default=16_384, ge=1024)
+    rate_limit_per_user: int = Field(default=20, ge=1, description="order creates per window per user")
+    rate_limit_per_client: int = Field(default=200, ge=1, description="order creates per window per address")
+    rate_limit_window_s: int = Field(default=1, ge=1)
+
+    idempotency_ttl_s: int = Field(default=86_400, ge=60)
+    # An order row may only be written this soon after its reservation; the reconciler only frees holds
+    # older than orphan_hold_s. The gap is what makes freeing an orphan hold safe: its write can't land later.
+    write_deadline_s: float = Field(default=20.0, gt=0)
+    orphan_hold_s: float = Field(default=60.0, gt=0)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    workers_enabled: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.orphan_hold_s <= self.write_deadline_s:
+            raise ValueError("orphan_hold_s must be larger than write_deadline_s")
+        if self.write_deadline_s * 1000 <= self.db_statement_timeout_ms:
+            raise ValueError("write_deadline_s must be larger than db_statement_timeout_ms")
+        if self.env == "prod":
+            self._require_production_values()
+        return self
+
+    def _require_production_values(self) -> None:
+        if not self.database_url or not self.redis_url:
+            raise ValueError("PREORDER_DATABASE_URL and PREORDER_REDIS_URL are required")
+        if self.jwt_algorithm == "HS256" and len(self.jwt_secret) < MIN_SECRET_LENGTH:
+            raise ValueError(f"PREORDER_JWT_SECRET must be at least {MIN_SECRET_LENGTH} characters")
+        if self.jwt_algorithm == "RS256" and not self.jwt_public_key:
+            raise ValueError("PREORDER_JWT_PUBLIC_KEY is required with RS256")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The whole stock protocol: Lua scripts in lua/, the Python that calls them, the loader's SQL."""

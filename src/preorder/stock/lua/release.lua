@@ -1,0 +1,17 @@
+-- Settle an order's hold: give its stock back ('release') or keep it sold ('drop', on shipping).
+-- KEYS: 1 stock hash, 2 holds hash, 3 per-user counts hash.  ARGV: 1 order_id, 2 'release' | 'drop'.
+-- Only what the hold still holds is given back, and the hold is deleted: a second call gives back nothing.
+local hold = redis.call('HGET', KEYS[2], ARGV[1])
+if not hold then
+  return 0
+end
+local qty_s, user = string.match(hold, '^(%d+):(.*):%d+$')
+local qty = tonumber(qty_s)
+redis.call('HDEL', KEYS[2], ARGV[1])
+if ARGV[2] == 'release' then
+  redis.call('HINCRBY', KEYS[1], 'reserved', -qty)
+  if redis.call('HINCRBY', KEYS[3], user, -qty) <= 0 then
+    redis.call('HDEL', KEYS[3], user)
+  end
+end
+return qty

@@ -1,0 +1,57 @@
+"""The SQL the stock protocol needs: the loader's fenced snapshot, and order statuses for the reconciler."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from preorder.db import PgConn, PgPool
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    epoch: int
+    total: int
+    starts_at: datetime | None
+    ends_at: datetime | None
+    per_user_limit: int | None
+    live: list[asyncpg.Record]  # non-cancelled orders: id, user_id, quantity, status, created_at
+
+
+async def lock_product(conn: PgConn, product_id: str) -> asyncpg.Record | None:
+    # FOR UPDATE conflicts with the FOR KEY SHARE every order write takes: writes wait for the loader.
+    return await conn.fetchrow("SELECT id FROM products WHERE id = $1 FOR UPDATE", product_id)
+
+
+async def bump_epoch_and_snapshot(conn: PgConn, product_id: str) -> Snapshot:
+    """Call inside the transaction that holds lock_product: bump the fence, then sum the orders."""
+    p = await conn.fetchrow(
+        """UPDATE products SET stock_epoch = stock_epoch + 1 WHERE id = $1
+           RETURNING stock_epoch, total_stock, starts_at, ends_at, per_user_limit""",
+        product_id,
+    )
+    assert p is not None
+    live = await conn.fetch(
+        """SELECT id, user_id, quantity, status, created_at FROM orders
+           WHERE product_id = $1 AND status <> 'cancelled'""",
+        product_id,
+    )
+    return Snapshot(p["stock_epoch"], p["total_stock"], p["starts_at"], p["ends_at"], p["per_user_limit"], live)
+
+
+async def order_statuses(conn: PgConn | PgPool, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    rows = await conn.fetch("SELECT id, status FROM orders WHERE id = ANY($1::uuid[])", ids)
+    return {r["id"]: r["status"] for r in rows}
+
+
+async def live_totals(pool: PgPool) -> list[asyncpg.Record]:
+    """Per product: total_stock and the reserved quantity PostgreSQL knows of (for reconcile)."""
+    return await pool.fetch(
+        """SELECT p.id, p.total_stock,
+                  COALESCE(SUM(o.quantity) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS reserved
+           FROM products p LEFT JOIN orders o ON o.product_id = p.id
+           GROUP BY p.id ORDER BY p.id"""
+    )

@@ -1,0 +1,171 @@
+"""Stock in Redis: reserve, release, drop, rebuild from PostgreSQL. Every key of a product shares one
+hash tag ({product_id}), so the scripts run unchanged on Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from preorder.db import PgConn, PgPool
+from preorder.errors import NotFound, OutOfStock, PresaleClosed, Unavailable, UserLimitReached
+from preorder.stock import repository as repo
+
+LIVE = ("pending", "paid")  # statuses whose stock is held and can still come back
+
+
+def _script(name: str) -> str:
+    return resources.files("preorder.stock").joinpath("lua", name).read_text()
+
+
+def keys(product_id: str) -> list[str]:
+    tag = f"po:{{{product_id}}}"
+    return [f"{tag}:stock", f"{tag}:holds", f"{tag}:users"]
+
+
+def _ms(at: datetime | None) -> int:
+    return int(at.timestamp() * 1000) if at else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    epoch: int
+    reserved_at_ms: int
+    available: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    order_id: uuid.UUID
+    quantity: int
+    user_id: str
+    reserved_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Levels:
+    total: int
+    reserved: int
+    epoch: int
+
+    @property
+    def available(self) -> int:
+        return self.total - self.reserved
+
+
+def parse_hold(order_id: bytes | str, value: bytes | str) -> Hold:
+    raw = value.decode() if isinstance(value, bytes) else value
+    qty, rest = raw.split(":", 1)
+    user, at = rest.rsplit(":", 1)
+    oid = order_id.decode() if isinstance(order_id, bytes) else order_id
+    return Hold(uuid.UUID(oid), int(qty), user, int(at))
+
+
+class NotLoaded(Exception):
+    """Redis holds no counters for this product (never loaded, or its data was lost)."""
+
+
+class Stock:
+    def __init__(self, redis: aioredis.Redis, pool: PgPool) -> None:
+        self.redis = redis
+        self.pool = pool
+        self._reserve = redis.register_script(_script("reserve.lua"))
+        self._settle = redis.register_script(_script("release.lua"))
+        self._load = redis.register_script(_script("load.lua"))
+        self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def reserve(self, *, product_id: str, order_id: uuid.UUID, quantity: int, user_id: str) -> Reservation:
+        """Reserve, loading the product from PostgreSQL first if Redis has no counters for it."""
+        for _ in range(3):
+            try:
+                return await self._try_reserve(product_id, order_id, quantity, user_id)
+            except NotLoaded:
+                await self.ensure_loaded(product_id)
+        raise Unavailable("Stock is being rebuilt; retry shortly")
+
+    async def _try_reserve(self, product_id: str, order_id: uuid.UUID, quantity: int, user_id: str) -> Reservation:
+        answer = await self._reserve(keys=keys(product_id), args=[str(order_id), quantity, user_id])
+        code = answer[0].decode()
+        if code == "OK":
+            return Reservation(int(answer[1]), int(answer[2]), int(answer[3]))
+        if code == "NOT_LOADED":
+            raise NotLoaded(product_id)
+        if code == "OUT_OF_STOCK":
+            raise OutOfStock(f"Only {int(answer[1])} left", available=int(answer[1]))
+        if code == "USER_LIMIT":
+            remaining = max(int(answer[1]), 0)
+            raise UserLimitReached(f"You may order {remaining} more of this product", remaining=remaining)
+        if code in ("NOT_STARTED", "ENDED"):
+            raise PresaleClosed("The presale has not started" if code == "NOT_STARTED" else "The presale has ended")
+        raise Unavailable(f"Reservation refused: {code}")  # DUPLICATE: a fresh uuid7 collided; retryable
+
+    async def release(self, product_id: str, order_id: uuid.UUID) -> int:
+        """Give back what the order's hold still holds; a second call gives back nothing."""
+        return int(await self._settle(keys=keys(product_id), args=[str(order_id), "release"]))
+
+    async def drop(self, product_id: str, order_id: uuid.UUID) -> int:
+        """The order shipped: forget its hold, keep its stock sold."""
+        return int(await self._settle(keys=keys(product_id), args=[str(order_id), "drop"]))
+
+    async def levels(self, product_id: str) -> Levels:
+        for _ in range(3):
+            total, reserved, epoch = await self.redis.hmget(keys(product_id)[0], ["total", "reserved", "epoch"])
+            if total is not None:
+                return Levels(int(total), int(reserved), int(epoch))
+            await self.ensure_loaded(product_id)
+        raise Unavailable("Stock is being rebuilt; retry shortly")
+
+    async def holds(self, product_id: str) -> list[Hold]:
+        found = []
+        async for oid, value in self.redis.hscan_iter(keys(product_id)[1], count=1000):
+            found.append(parse_hold(oid, value))
+        return found
+
+    async def ensure_loaded(self, product_id: str) -> None:
+        """Fail closed while exactly one loader (per process, and across processes by the row lock) rebuilds."""
+        async with self._loading[product_id]:
+            if await self.redis.exists(keys(product_id)[0]):
+                return
+            await self.rebuild(product_id, only_if_missing=True)
+
+    async def rebuild(
+        self,
+        product_id: str,
+        *,
+        only_if_missing: bool = False,
+        apply: Callable[[PgConn], Awaitable[None]] | None = None,
+    ) -> None:
+        """Bump the product's epoch and reload Redis from PostgreSQL. `apply` changes the product in the
+        same transaction, so no order reserved against the old figures can commit after the change."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await repo.lock_product(conn, product_id) is None:
+                raise NotFound(f"Unknown product {product_id}")
+            # Checked again under the lock: another process may have loaded it while we waited.
+            if only_if_missing and await self.redis.exists(keys(product_id)[0]):
+                return
+            if apply is not None:
+                await apply(conn)
+            snap = await repo.bump_epoch_and_snapshot(conn, product_id)
+        # Committed first: an order write that reserved against the old Redis now fails its epoch fence.
+        await self._load(keys=keys(product_id), args=self._load_args(snap))
+
+    @staticmethod
+    def _load_args(snap: repo.Snapshot) -> list[Any]:
+        holds: list[Any] = []
+        per_user: dict[str, int] = defaultdict(int)
+        for o in snap.live:
+            per_user[o["user_id"]] += o["quantity"]
+            if o["status"] in LIVE:
+                holds += [str(o["id"]), f"{o['quantity']}:{o['user_id']}:{_ms(o['created_at'])}"]
+        head = [snap.epoch, snap.total, sum(per_user.values()), _ms(snap.starts_at), _ms(snap.ends_at)]
+        args: list[Any] = [*head, snap.per_user_limit or 0, len(holds) // 2, *holds]
+        for user, count in per_user.items():
+            args += [user, count]
+        return args

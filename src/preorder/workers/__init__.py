@@ -1,0 +1,1 @@
+"""Background loops every app process runs: the payment-timeout sweeper and the hold reconciler."""

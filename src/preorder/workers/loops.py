@@ -1,0 +1,33 @@
+"""The background loop each app process runs. Every step is safe to run in many processes at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from preorder.orders import repository as order_repo
+from preorder.orders.service import Orders
+from preorder.workers.reconciler import settle_all
+
+log = logging.getLogger("preorder.workers")
+
+
+async def run_once(orders: Orders) -> None:
+    expired = await orders.expire_due()
+    if expired:
+        log.info("cancelled %d unpaid orders past their payment window", expired)
+    settled = await settle_all(orders.stock, orphan_hold_s=orders.settings.orphan_hold_s)
+    if settled.released or settled.dropped or settled.orphans:
+        log.warning("settled holds: %s", settled)
+    await order_repo.purge_idempotency(orders.pool, limit=1000)
+
+
+async def run_forever(orders: Orders) -> None:
+    while True:
+        try:
+            await run_once(orders)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a dependency is down: try again next round, never die
+            log.warning("background round failed: %r", exc)
+        await asyncio.sleep(orders.settings.sweep_interval_s)

@@ -1,0 +1,98 @@
+"""Settles Redis holds against PostgreSQL, and compares counters for `preorder reconcile`.
+
+A hold is settled when its order is cancelled (stock back), shipped or completed (hold dropped), or when
+no order row exists and the hold is older than orphan_hold_s (the process died between reserve and write;
+the write deadline guarantees that order can no longer be written)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from preorder.db import PgPool
+from preorder.stock import repository as stock_repo
+from preorder.stock.service import Stock, keys
+
+log = logging.getLogger("preorder.reconciler")
+
+
+@dataclass
+class Settled:
+    released: int = 0
+    dropped: int = 0
+    orphans: int = 0
+    young_unwritten: int = 0
+
+
+async def settle_holds(stock: Stock, product_id: str, *, orphan_hold_s: float) -> Settled:
+    holds = await stock.holds(product_id)
+    done = Settled()
+    if not holds:
+        return done
+    seconds, micros = await stock.redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    statuses = await stock_repo.order_statuses(stock.pool, [h.order_id for h in holds])
+    for h in holds:
+        status = statuses.get(h.order_id)
+        if status is None and now_ms - h.reserved_at_ms <= orphan_hold_s * 1000:
+            done.young_unwritten += 1  # its write may still be running
+        elif status is None:
+            done.orphans += await _count(stock.release(product_id, h.order_id))
+        elif status == "cancelled":
+            done.released += await _count(stock.release(product_id, h.order_id))
+        elif status in ("shipped", "completed"):
+            done.dropped += await _count(stock.drop(product_id, h.order_id))
+    return done
+
+
+async def _count(settling: Any) -> int:
+    return 1 if await settling else 0
+
+
+async def product_ids(pool: PgPool) -> list[str]:
+    return [r["id"] for r in await stock_repo.live_totals(pool)]
+
+
+async def settle_all(stock: Stock, *, orphan_hold_s: float) -> Settled:
+    total = Settled()
+    for pid in await product_ids(stock.pool):
+        if not await stock.redis.exists(keys(pid)[0]):
+            continue  # not loaded: the loader rebuilds it from PostgreSQL when it is next used
+        s = await settle_holds(stock, pid, orphan_hold_s=orphan_hold_s)
+        total.released += s.released
+        total.dropped += s.dropped
+        total.orphans += s.orphans
+        total.young_unwritten += s.young_unwritten
+    return total
+
+
+@dataclass
+class Drift:
+    product_id: str
+    pg_total: int
+    pg_reserved: int
+    redis_total: int | None
+    redis_reserved: int | None
+    unwritten: int  # quantity held by holds whose order write may still be running
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def drifted(self) -> bool:
+        if self.redis_total is None or self.redis_reserved is None:
+            return False  # not loaded: nothing can drift, it is rebuilt on first use
+        return self.redis_total != self.pg_total or self.redis_reserved - self.unwritten != self.pg_reserved
+
+
+async def compare(stock: Stock, *, orphan_hold_s: float) -> list[Drift]:
+    out = []
+    for r in await stock_repo.live_totals(stock.pool):
+        pid = r["id"]
+        total, reserved = await stock.redis.hmget(keys(pid)[0], ["total", "reserved"])
+        holds = await stock.holds(pid) if total is not None else []
+        statuses = await stock_repo.order_statuses(stock.pool, [h.order_id for h in holds])
+        unwritten = sum(h.quantity for h in holds if h.order_id not in statuses)
+        out.append(Drift(pid, r["total_stock"], int(r["reserved"]),
+                         int(total) if total is not None else None,
+                         int(reserved) if reserved is not None else None, unwritten))
+    return out
