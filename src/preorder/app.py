@@ -18,6 +18,7 @@ from preorder.middleware import BodyLimit
 from preorder.orders.router import router as orders_router
 from preorder.orders.service import Orders
 from preorder.products.router import router as products_router
+from preorder.ratelimit import OrderRateLimit
 from preorder.responses import Problem
 from preorder.service_routes import router as service_router
 from preorder.settings import Settings, get_settings
@@ -34,6 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool, app.state.redis, app.state.stock = pool, redis, stock
     app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
     app.state.verifier = TokenVerifier(settings)
+    app.state.ratelimit = OrderRateLimit(redis, settings)
     worker = asyncio.create_task(run_forever(app.state.orders)) if settings.workers_enabled else None
     try:
         yield

@@ -15,13 +15,16 @@ UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 
 
 def create_redis(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+    # A blocking pool: a burst waits (bounded by the timeout) for a connection instead of failing at once.
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_pool_max,
+        timeout=settings.redis_timeout_s * 5,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
-        max_connections=256,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def get_redis(request: Request) -> aioredis.Redis:

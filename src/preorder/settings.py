@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(default=3_000, ge=100)
     db_connect_timeout_s: float = Field(default=2.0, gt=0)
     redis_timeout_s: float = Field(default=1.0, gt=0)
+    redis_pool_max: int = Field(default=64, ge=1)
 
     jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
     jwt_secret: str = ""
@@ -31,7 +32,6 @@ class Settings(BaseSettings):
     jwt_audience: str = "preorder"
 
     max_quantity: int = Field(default=10, ge=1)
-    page_size_cap: int = Field(default=100, ge=1)
     max_body_bytes: int = Field(default=16_384, ge=1024)
     rate_limit_per_user: int = Field(default=20, ge=1, description="order creates per window per user")
     rate_limit_per_client: int = Field(default=200, ge=1, description="order creates per window per address")

@@ -22,6 +22,7 @@ from preorder.orders.schemas import (
     StatusChange,
 )
 from preorder.orders.service import Orders, owner_filter, to_out
+from preorder.ratelimit import OrderCreationLimit
 from preorder.responses import problems
 from preorder.types import ID_PATTERN, Timestamp
 
@@ -49,7 +50,12 @@ OwnedOrder = Annotated[OrderOut, Depends(owned_order)]
 @router.post("", status_code=status.HTTP_201_CREATED,
              responses=problems(400, 401, 403, 404, 409, 413, 422, 429, 503))
 async def create_order(
-    body: OrderCreate, principal: CurrentUser, orders: OrdersDep, response: Response, idem_key: IdemKey = None
+    body: OrderCreate,
+    principal: CurrentUser,
+    orders: OrdersDep,
+    response: Response,
+    _: OrderCreationLimit,
+    idem_key: IdemKey = None,
 ) -> OrderOut:
     order, replayed = await orders.create(principal, body, idem_key)
     response.headers["Location"] = f"/api/preorder/{order.order_id}"
