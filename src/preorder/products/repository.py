@@ -56,4 +56,4 @@ async def update(conn: PgConn, product_id: str, changes: dict[str, Any]) -> asyn
         *(changes[n] for n in names),
     )
     assert row is not None
-    return row
+    return row  # type: ignore[no-any-return]
