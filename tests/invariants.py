@@ -1,20 +1,30 @@
-"""The invariant checker every stock test uses: I1 from PostgreSQL, I2 Redis against PostgreSQL, I3 orders."""
+"""The invariant checker every stock test uses: I1 from PostgreSQL, I2 Redis against PostgreSQL, I3 orders,
+and the I4/I5 traces PostgreSQL keeps (one creation per order, one release per cancelled order, a whole history)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from preorder.stock.service import keys
+from preorder.stock.service import keys, parse_hold
+
+LIVE = ("pending", "paid")  # the statuses whose Redis hold is kept once everything is settled
 
 
 async def assert_invariants(
-    db: asyncpg.Connection, redis: aioredis.Redis, *, created: Iterable[str] = (), settled: bool = True
+    db: asyncpg.Connection,
+    redis: aioredis.Redis,
+    *,
+    created: Iterable[str] | Mapping[str, int] = (),
+    settled: bool = True,
 ) -> None:
-    """I1 never oversold; I3 every 201 order is stored; with settled=True (traffic stopped, holds
-    settled) also I2: Redis available == total - reserved computed from PostgreSQL, for every product."""
+    """I1 never oversold; I3 every 201 order is stored (with its quantity, when `created` maps id -> quantity);
+    I4/I5 each order has one creation event, at most one cancellation, and a history that ends in its status.
+    With settled=True (traffic stopped, holds settled) also I2: Redis available == total - reserved computed
+    from PostgreSQL, the holds are exactly the pending and paid orders, the per-user counts match."""
     rows = await db.fetch(
         """SELECT p.id, p.total_stock,
                   COALESCE(SUM(o.quantity) FILTER (WHERE o.status <> 'cancelled'), 0) AS reserved
@@ -29,7 +39,55 @@ async def assert_invariants(
             continue  # not loaded: it is rebuilt from PostgreSQL on first use, so it cannot drift
         assert int(total) == r["total_stock"], f"I2 total drift on {r['id']}"
         assert int(reserved) == r["reserved"], f"I2 leak on {r['id']}: redis {int(reserved)} pg {r['reserved']}"
+        await _assert_holds_match(db, redis, r["id"])
+    await _assert_created(db, created)
+    await _assert_histories(db)
+
+
+async def _assert_created(db: asyncpg.Connection, created: Iterable[str] | Mapping[str, int]) -> None:
     ids = list(created)
-    if ids:
-        found = await db.fetchval("SELECT count(*) FROM orders WHERE id = ANY($1::uuid[])", ids)
-        assert found == len(ids), f"I3 lost orders: {len(ids) - found} of {len(ids)} answered 201 are missing"
+    if not ids:
+        return
+    stored = {str(r["id"]): r["quantity"] for r in
+              await db.fetch("SELECT id, quantity FROM orders WHERE id = ANY($1::uuid[])", ids)}
+    assert len(stored) == len(ids), f"I3 lost orders: {len(ids) - len(stored)} of {len(ids)} answered 201 are missing"
+    if isinstance(created, Mapping):
+        wrong = {oid: (qty, stored[oid]) for oid, qty in created.items() if stored[oid] != qty}
+        assert not wrong, f"I3 stored quantity differs from the 201 answer: {wrong}"
+
+
+async def _assert_holds_match(db: asyncpg.Connection, redis: aioredis.Redis, product_id: str) -> None:
+    _, holds_key, users_key = keys(product_id)
+    holds = {str(h.order_id): (h.quantity, h.user_id)
+             for h in (parse_hold(k, v) for k, v in (await redis.hgetall(holds_key)).items())}
+    orders = await db.fetch("SELECT id, user_id, quantity, status FROM orders WHERE product_id = $1", product_id)
+    live = {str(o["id"]): (o["quantity"], o["user_id"]) for o in orders if o["status"] in LIVE}
+    assert holds == live, (f"I2 holds of {product_id} differ from its pending and paid orders: "
+                           f"extra {sorted(set(holds) - set(live))[:5]}, missing {sorted(set(live) - set(holds))[:5]}")
+    per_user: dict[str, int] = defaultdict(int)
+    for o in orders:
+        if o["status"] != "cancelled":
+            per_user[o["user_id"]] += o["quantity"]
+    counted = {k.decode(): int(v) for k, v in (await redis.hgetall(users_key)).items()}
+    assert counted == dict(per_user), f"I2 per-user counts of {product_id} drifted: redis {counted} pg {dict(per_user)}"
+
+
+async def _assert_histories(db: asyncpg.Connection) -> None:
+    broken = await db.fetch(
+        """WITH ev AS (
+               SELECT order_id, from_status, to_status,
+                      lag(to_status) OVER w AS prev_to, row_number() OVER w AS n,
+                      count(*) OVER (PARTITION BY order_id) AS events
+               FROM order_events WINDOW w AS (PARTITION BY order_id ORDER BY id)
+           )
+           SELECT o.id, o.status FROM orders o
+           WHERE NOT EXISTS (SELECT 1 FROM ev WHERE ev.order_id = o.id AND ev.n = 1
+                                 AND ev.from_status IS NULL AND ev.to_status = 'pending')
+              OR EXISTS (SELECT 1 FROM ev WHERE ev.order_id = o.id AND ev.n > 1
+                             AND ev.from_status IS DISTINCT FROM ev.prev_to)
+              OR NOT EXISTS (SELECT 1 FROM ev WHERE ev.order_id = o.id AND ev.n = ev.events
+                                 AND ev.to_status = o.status)
+              OR (SELECT count(*) FROM ev WHERE ev.order_id = o.id AND ev.to_status = 'cancelled') > 1
+           LIMIT 5"""
+    )
+    assert not broken, f"I4/I5 event history broken (created or released twice, or a gap) for {broken}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -29,6 +31,9 @@ from preorder.orders import repository as repo
 from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
 from preorder.settings import Settings
 from preorder.stock.service import Reservation, Stock
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger("preorder.orders")
 
@@ -60,7 +65,8 @@ class Orders:
         if replay is not None:
             return replay, True
         marker = f"po:idem:{{{user_id}}}:{idem_key}"
-        if not await self.redis.set(marker, fingerprint, nx=True, ex=int(self.settings.write_deadline_s * 2)):
+        # Milliseconds: with a sub-second write deadline, whole seconds would round down to an invalid 0.
+        if not await self.redis.set(marker, fingerprint, nx=True, px=int(self.settings.write_deadline_s * 2000)):
             raise IdempotencyInProgress("Retry once the first request has finished")
         try:
             return await self._create(user_id, body, idem_key, fingerprint), False
@@ -113,8 +119,7 @@ class Orders:
     async def _write(self, new: repo.NewOrder) -> asyncpg.Record:
         """Write the order; on a failure that surely wrote nothing, give the reservation back at once."""
         try:
-            async with self.pool.acquire() as conn:
-                row = await _insert_or_unknown(conn, new)
+            row = await self._insert(new)
         except asyncpg.UniqueViolationError:
             await self.stock.release(new.product_id, new.order_id)
             raise
@@ -127,6 +132,15 @@ class Orders:
             await self.stock.release(new.product_id, new.order_id)
             raise Unavailable("Stock was rebuilt while ordering; retry")
         return row
+
+    async def _insert(self, new: repo.NewOrder) -> asyncpg.Record | None:
+        # Failing here means no connection, so nothing was written. Waiting longer than the write deadline is
+        # useless (the fence would refuse the write) and, with PostgreSQL unreachable, would queue without bound.
+        conn = await self.pool.acquire(timeout=self.settings.write_deadline_s)
+        try:
+            return await _insert_or_unknown(conn, new)
+        finally:
+            await _give_back(self.pool, conn)
 
     async def _pay_at_once(self, order: OrderOut, payment: Payment, user_id: str) -> OrderOut:
         actor = Principal(sub=user_id, role="customer")
@@ -177,7 +191,13 @@ class Orders:
         """DELETE: cancelling a cancelled order answers the same and releases nothing."""
         if order.status == "cancelled":
             return order
-        return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason))
+        try:
+            return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason))
+        except InvalidTransition as lost:
+            # The sweeper or another DELETE cancelled it first (and released it): the same answer as a repeat.
+            if lost.extra.get("current") != "cancelled":
+                raise
+            return await self.get(principal, order.order_id)
 
     async def expire_due(self, *, limit: int = 500) -> int:
         """Cancel unpaid orders past their window (safe to run in every process at once)."""
@@ -194,6 +214,13 @@ async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> asyncpg.Record
         # Lost mid-statement: it may or may not have committed. The hold stays for the reconciler,
         # which frees it only after the write deadline has passed and if no order row exists.
         raise Unavailable("The order store did not answer; retry") from None
+
+
+async def _give_back(pool: PgPool, conn: PoolConnectionProxy[Any]) -> None:
+    # The write's outcome is decided by now. A connection that breaks on its way back to the pool (the pool
+    # then discards it) must not make _write release the reservation of an order that was stored.
+    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        await pool.release(conn)
 
 
 _DEFAULT_REASON = {"paid": "payment_confirmed", "shipped": "shipped", "completed": "completed",

@@ -42,15 +42,20 @@ async def bump_epoch_and_snapshot(conn: PgConn, product_id: str) -> Snapshot:
     return Snapshot(p["stock_epoch"], p["total_stock"], p["starts_at"], p["ends_at"], p["per_user_limit"], live)
 
 
+async def stock_epoch(pool: PgPool, product_id: str) -> int | None:
+    value = await pool.fetchval("SELECT stock_epoch FROM products WHERE id = $1", product_id)
+    return None if value is None else int(value)
+
+
 async def order_statuses(conn: PgConn | PgPool, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
     rows = await conn.fetch("SELECT id, status FROM orders WHERE id = ANY($1::uuid[])", ids)
     return {r["id"]: r["status"] for r in rows}
 
 
 async def live_totals(pool: PgPool) -> list[asyncpg.Record]:
-    """Per product: total_stock and the reserved quantity PostgreSQL knows of (for reconcile)."""
+    """Per product: total_stock, stock_epoch and the reserved quantity PostgreSQL knows of (for reconcile)."""
     return await pool.fetch(
-        """SELECT p.id, p.total_stock,
+        """SELECT p.id, p.total_stock, p.stock_epoch,
                   COALESCE(SUM(o.quantity) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS reserved
            FROM products p LEFT JOIN orders o ON o.product_id = p.id
            GROUP BY p.id ORDER BY p.id"""

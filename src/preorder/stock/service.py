@@ -117,7 +117,7 @@ class Stock:
     async def levels(self, product_id: str) -> Levels:
         for _ in range(3):
             total, reserved, epoch = await self.redis.hmget(keys(product_id)[0], ["total", "reserved", "epoch"])
-            if total is not None:
+            if total is not None and reserved is not None and epoch is not None:  # load.lua writes all three
                 return Levels(int(total), int(reserved), int(epoch))
             await self.ensure_loaded(product_id)
         raise Unavailable("Stock is being rebuilt; retry shortly")
@@ -144,17 +144,37 @@ class Stock:
     ) -> None:
         """Bump the product's epoch and reload Redis from PostgreSQL. `apply` changes the product in the
         same transaction, so no order reserved against the old figures can commit after the change."""
+        snap = await self._bump_and_snapshot(product_id, only_if_missing=only_if_missing, apply=apply)
+        for _ in range(3):  # each further round needs yet another loader racing this one: rare, so bounded
+            if snap is None or await self._load_is_newest(product_id, snap):
+                return
+            # Our snapshot landed although another loader has bumped the epoch since: Redis lost that loader's
+            # load (or it has yet to run). An older snapshot must not stay: it lacks the orders written since,
+            # and the fence would refuse every write reserved against it.
+            snap = await self._bump_and_snapshot(product_id)
+
+    async def _bump_and_snapshot(
+        self,
+        product_id: str,
+        *,
+        only_if_missing: bool = False,
+        apply: Callable[[PgConn], Awaitable[None]] | None = None,
+    ) -> repo.Snapshot | None:
         async with self.pool.acquire() as conn, conn.transaction():
             if await repo.lock_product(conn, product_id) is None:
                 raise NotFound(f"Unknown product {product_id}")
             # Checked again under the lock: another process may have loaded it while we waited.
             if only_if_missing and await self.redis.exists(keys(product_id)[0]):
-                return
+                return None
             if apply is not None:
                 await apply(conn)
-            snap = await repo.bump_epoch_and_snapshot(conn, product_id)
-        # Committed first: an order write that reserved against the old Redis now fails its epoch fence.
-        await self._load(keys=keys(product_id), args=self._load_args(snap))
+            return await repo.bump_epoch_and_snapshot(conn, product_id)
+
+    async def _load_is_newest(self, product_id: str, snap: repo.Snapshot) -> bool:
+        # Called once the snapshot is committed: an order write that reserved against the old Redis now fails
+        # its epoch fence. load.lua ignores a snapshot older than the one Redis holds (answers 0).
+        loaded = await self._load(keys=keys(product_id), args=self._load_args(snap))
+        return not loaded or await repo.stock_epoch(self.pool, product_id) == snap.epoch
 
     @staticmethod
     def _load_args(snap: repo.Snapshot) -> list[Any]:

@@ -17,7 +17,7 @@ async def run_once(orders: Orders) -> None:
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
     settled = await settle_all(orders.stock, orphan_hold_s=orders.settings.orphan_hold_s)
-    if settled.released or settled.dropped or settled.orphans:
+    if settled.released or settled.dropped or settled.orphans or settled.rebuilt:
         log.warning("settled holds: %s", settled)
     await order_repo.purge_idempotency(orders.pool, limit=1000)
 
