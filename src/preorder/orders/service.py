@@ -166,8 +166,10 @@ class Orders:
         if not machine.may(principal, rule):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
         row = await self._transition(principal, order, change)
-        if row is None:  # lost a race: say what it is now
+        if row is None:  # lost a race, or the payment window closed: say which
             current = await self.get(principal, order.order_id)
+            if current.status == order.status == "pending" and change.status == "paid":
+                raise InvalidTransition("The payment window has closed", current="pending")
             raise InvalidTransition(f"The order is {current.status} now", current=current.status)
         if rule.stock == "release":
             await self.stock.release(order.product_id, order.order_id)

@@ -1,6 +1,11 @@
 -- Settle an order's hold: give its stock back ('release') or keep it sold ('drop', on shipping).
 -- KEYS: 1 stock hash, 2 holds hash, 3 per-user counts hash.  ARGV: 1 order_id, 2 'release' | 'drop'.
 -- Only what the hold still holds is given back, and the hold is deleted: a second call gives back nothing.
+-- No counters (lost with Redis data): nothing to give back to, and HINCRBY would create a counter-only
+-- stock hash that looks loaded. The rebuild replaces the holds anyway.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
 local hold = redis.call('HGET', KEYS[2], ARGV[1])
 if not hold then
   return 0
