@@ -97,5 +97,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             if ("400" not in responses and op.get("parameters")) or op.get("requestBody"):
                 responses.setdefault("400", {"description": "Bad request", "content": {
                     "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+    _declare_configured_bounds(schemas, app.state.settings)
     app.openapi_schema = schema
     return schema
+
+
+def _declare_configured_bounds(schemas: dict[str, Any], settings: Settings) -> None:
+    """The quantity cap is configuration (PREORDER_MAX_QUANTITY), so the static model can't carry it."""
+    quantity = schemas.get("OrderCreate", {}).get("properties", {}).get("quantity")
+    if quantity is not None:
+        quantity["maximum"] = settings.max_quantity

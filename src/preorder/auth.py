@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from preorder.errors import Forbidden, Unauthorized
 from preorder.settings import Settings
+from preorder.types import ID_RE
 
 Role = Literal["customer", "admin"]
 _CACHE_LIMIT = 50_000
@@ -58,8 +59,12 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"Invalid token: {exc}") from exc
         role, sub = claims["role"], claims["sub"]
-        if role not in ("customer", "admin") or not isinstance(sub, str) or not sub:
-            raise Unauthorized("Invalid token: bad role or subject")
+        if role not in ("customer", "admin"):
+            raise Unauthorized("Invalid token: unknown role")
+        # The subject becomes the order's user_id, a Redis key part and a filter value: hold it to the same
+        # rule as every other id (no NUL for PostgreSQL, no braces to break a Redis Cluster hash tag).
+        if not isinstance(sub, str) or not ID_RE.fullmatch(sub):
+            raise Unauthorized("Invalid token: the subject must be 1-64 of A-Z a-z 0-9 _ -")
         return Principal(sub=sub, role=role), float(claims["exp"])
 
 

@@ -13,6 +13,7 @@ import uvicorn
 
 from preorder import migrate as migrations
 from preorder.settings import Settings
+from preorder.types import ID_RE
 
 DEMO_PRODUCT = {"id": "P1001", "name": "Demo preorder console", "price_amount": 49_900, "currency": "USD",
                 "total_stock": 1000, "per_user_limit": 5}
@@ -31,9 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for every product")
     rec.add_argument("--fix", action="store_true", help="settle holds and rebuild drifted products")
     tok = sub.add_parser("token", help="mint a JWT for trying the API (HS256 with PREORDER_JWT_SECRET)")
-    tok.add_argument("--sub", required=True)
+    tok.add_argument("--sub", required=True, type=_user_id, help="user id: 1-64 of A-Z a-z 0-9 _ -")
     tok.add_argument("--role", choices=["customer", "admin"], default="customer")
-    tok.add_argument("--ttl", type=int, default=86_400, help="seconds until it expires")
+    tok.add_argument("--ttl", type=_positive, default=86_400, help="seconds until it expires")
     args = parser.parse_args(argv)
     return int(_COMMANDS[args.command](args) or 0)
 
@@ -71,11 +72,28 @@ def _token(args: argparse.Namespace) -> int:
     from preorder.auth import mint_token
 
     settings = Settings(env="dev")
+    if settings.jwt_algorithm != "HS256":
+        # With RS256 the service holds only the public key: tokens come from the issuer's private key.
+        print("preorder token mints HS256 tokens only; with RS256, sign with your issuer's key", file=sys.stderr)
+        return 2
     if not settings.jwt_secret:
         print("PREORDER_JWT_SECRET is not set", file=sys.stderr)
         return 2
     print(mint_token(settings, sub=args.sub, role=args.role, ttl_s=args.ttl))
     return 0
+
+
+def _user_id(value: str) -> str:
+    """The service refuses a token whose subject is not a valid id, so refuse to mint one."""
+    if not ID_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError("must be 1-64 of A-Z a-z 0-9 _ -")
+    return value
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of seconds, at least 1")
+    return int(value)
 
 
 _COMMANDS = {"dev": _dev, "serve": _serve, "migrate": _migrate, "reconcile": _reconcile, "token": _token}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("preorder")
 PROBLEM = "application/problem+json"
@@ -64,15 +67,14 @@ class IdempotencyMismatch(DomainError):
 
 class Unauthorized(DomainError):
     status, kind, title = 401, "unauthorized", "Unauthorized"
-    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.headers = {"WWW-Authenticate": "Bearer"}  # RFC 6750: say which scheme would be accepted
 
 
 class Forbidden(DomainError):
     status, kind, title = 403, "forbidden", "Forbidden"
-
-
-class PayloadTooLarge(DomainError):
-    status, kind, title = 413, "payload-too-large", "Request body too large"
 
 
 class RateLimited(DomainError):
@@ -113,11 +115,39 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return problem(400, "validation-error", "Invalid request", f"Invalid fields: {fields}", errors=errors)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+# Errors raised by Starlette itself (unknown path or method, an oversized streamed body) get a type of their own.
+_HTTP_KINDS = {
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    413: ("payload-too-large", "Request body too large"),
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    response = problem(exc.status_code, "http-error", str(exc.detail), str(exc.detail))
+    kind, title = _HTTP_KINDS.get(exc.status_code, ("http-error", str(exc.detail)))
+    response = problem(exc.status_code, kind, title, str(exc.detail))
     response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route that matched the path; RFC 9110 wants them all.
+        response.headers["Allow"] = ", ".join(_allowed_methods(request))
     return response
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):  # included routers flattened, prefixes applied
+        if route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+async def _constraint(_: Request, exc: Exception) -> JSONResponse:
+    """A write the database refused by a CHECK constraint (e.g. a PATCH moving starts_at past the stored
+    ends_at): the request conflicts with the stored record. Services check first; this is the safety net."""
+    assert isinstance(exc, asyncpg.CheckViolationError)
+    detail = f"The change breaks a rule of the stored record ({exc.constraint_name or 'check'})"
+    return problem(409, "constraint", "Conflict with the stored record", detail)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -130,4 +160,5 @@ def register(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(asyncpg.CheckViolationError, _constraint)
     app.add_exception_handler(Exception, _unexpected)

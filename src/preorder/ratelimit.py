@@ -20,8 +20,10 @@ from preorder.settings import Settings
 
 class OrderRateLimit:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        # The app's own pool: no second set of connections, and Redis errors surface as redis-py's (503).
         storage = RedisStorage(
-            "async+" + settings.redis_url, implementation="redispy", connection_pool=redis.connection_pool,
+            "async+" + settings.redis_url, implementation="redispy",
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]  # limits types options as scalars
             key_prefix="po:rl",
         )
         self._limiter = FixedWindowRateLimiter(storage)

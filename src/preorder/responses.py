@@ -18,8 +18,10 @@ class Problem(BaseModel):
 
 
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    # No `model`: FastAPI would declare it as application/json too, and errors are only ever problem+json.
+    # The Problem schema itself is added to the components by app._openapi.
     media = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    return {code: {"model": Problem, "content": media, "description": _TEXT.get(code, "Problem")} for code in codes}
+    return {code: {"content": media, "description": _TEXT.get(code, "Problem")} for code in codes}
 
 
 _TEXT = {

@@ -18,13 +18,12 @@ from preorder.orders.schemas import (
     OrderCreate,
     OrderOut,
     OrderPage,
-    Status,
+    OrderQuery,
     StatusChange,
 )
 from preorder.orders.service import Orders, owner_filter, to_out
 from preorder.ratelimit import OrderCreationLimit
 from preorder.responses import problems
-from preorder.types import ID_PATTERN, Timestamp
 
 router = APIRouter(prefix="/api/preorder", tags=["orders"])
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=128,
@@ -65,26 +64,14 @@ async def create_order(
 
 
 @router.get("", responses=problems(400, 401, 403, 503))
-async def list_orders(
-    principal: CurrentUser,
-    orders: OrdersDep,
-    user_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
-    status_: Annotated[Status | None, Query(alias="status")] = None,
-    product_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
-    created_from: Timestamp | None = None,
-    created_to: Timestamp | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
-) -> OrderPage:
-    if created_from and created_to and created_to <= created_from:
-        raise BadRequest("created_to must be after created_from")
+async def list_orders(principal: CurrentUser, orders: OrdersDep, query: Annotated[OrderQuery, Query()]) -> OrderPage:
     filters = repo.Filters(
-        user_id=_visible_user(principal, user_id), status=status_, product_id=product_id,
-        created_from=created_from, created_to=created_to, before_id=_decode_cursor(cursor),
+        user_id=_visible_user(principal, query.user_id), status=query.status, product_id=query.product_id,
+        created_from=query.created_from, created_to=query.created_to, before_id=_decode_cursor(query.cursor),
     )
-    rows = await repo.page(orders.pool, filters, limit=limit + 1)
-    items = [to_out(r) for r in rows[:limit]]
-    more = len(rows) > limit
+    rows = await repo.page(orders.pool, filters, limit=query.limit + 1)
+    items = [to_out(r) for r in rows[: query.limit]]
+    more = len(rows) > query.limit
     return OrderPage(items=items, next_cursor=_encode_cursor(items[-1].order_id) if more else None)
 
 

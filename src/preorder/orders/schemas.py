@@ -7,9 +7,9 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from preorder.types import Currency, MinorUnits, ProductId, UserId
+from preorder.types import Currency, MinorUnits, ProductId, Text, Timestamp, UserId
 
 Status = Literal["pending", "paid", "shipped", "completed", "cancelled"]
 Reference = str
@@ -40,7 +40,27 @@ class StatusChange(BaseModel):
     )
     status: Literal["paid", "shipped", "completed", "cancelled"]
     payment: Payment | None = Field(default=None, description="required to mark an order paid")
-    reason: str | None = Field(default=None, min_length=1, max_length=200)
+    reason: Text | None = None
+
+
+class OrderQuery(BaseModel):
+    """GET /api/preorder filters. Unknown parameters are refused like unknown body fields: a misspelt
+    filter (`?userid=`) must not quietly widen the listing."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: UserId | None = Field(default=None, description="admins only, or your own")
+    status: Status | None = None
+    product_id: ProductId | None = None
+    created_from: Timestamp | None = None
+    created_to: Timestamp | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=64, description="next_cursor of the previous page")
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> OrderQuery:
+        if self.created_from and self.created_to and self.created_to <= self.created_from:
+            raise ValueError("created_to must be after created_from")
+        return self
 
 
 class OrderOut(BaseModel):

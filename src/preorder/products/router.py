@@ -10,12 +10,12 @@ from preorder.auth import Admin
 from preorder.db import Pool
 from preorder.deps import StockDep
 from preorder.products import service
-from preorder.products.schemas import ProductCreate, ProductOut, ProductPage, ProductPatch
+from preorder.products.schemas import ProductCreate, ProductOut, ProductPage, ProductPatch, ProductQuery
 from preorder.responses import problems
 from preorder.types import ID_PATTERN
 
 router = APIRouter(prefix="/api/products", tags=["products"])
-PathId = Annotated[str, Path(pattern=ID_PATTERN)]
+PathId = Annotated[str, Path(pattern=ID_PATTERN, examples=["P1001"])]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses=problems(400, 401, 403, 409, 413, 503))
@@ -24,13 +24,8 @@ async def create_product(body: ProductCreate, pool: Pool, stock: StockDep, _: Ad
 
 
 @router.get("", responses=problems(400, 503))
-async def list_products(
-    pool: Pool,
-    stock: StockDep,
-    cursor: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
-) -> ProductPage:
-    return await service.page(pool, stock, cursor=cursor, limit=limit)
+async def list_products(pool: Pool, stock: StockDep, query: Annotated[ProductQuery, Query()]) -> ProductPage:
+    return await service.page(pool, stock, cursor=query.cursor, limit=query.limit)
 
 
 @router.get("/{product_id}", responses=problems(400, 404, 503))

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from preorder.types import Currency, MinorUnits, ProductId, Timestamp
+from preorder.types import Currency, MinorUnits, ProductId, Text, Timestamp
 
-Stock = StrictInt
+Stock = Annotated[StrictInt, Field(ge=0, le=10**9)]
+PerUserLimit = Annotated[StrictInt, Field(ge=1, le=10**6)]
+PaymentWindow = Annotated[StrictInt, Field(ge=1, le=30 * 86_400, description="seconds to pay before cancelled")]
+Unset = SkipJsonSchema[None]  # the field may be omitted, but the document does not offer null
 
 
 class _Rules(BaseModel):
@@ -24,27 +29,46 @@ class _Rules(BaseModel):
 
 class ProductCreate(_Rules):
     id: ProductId
-    name: str = Field(min_length=1, max_length=200)
+    name: Text
     price_amount: MinorUnits
     currency: Currency = "USD"
-    total_stock: Stock = Field(ge=0, le=10**9)
+    total_stock: Stock
     starts_at: Timestamp | None = None
     ends_at: Timestamp | None = None
     ships_at: Timestamp | None = None
-    per_user_limit: StrictInt | None = Field(default=None, ge=1, le=10**6)
-    payment_window_seconds: StrictInt = Field(default=900, ge=1, le=30 * 86_400)
+    per_user_limit: PerUserLimit | None = None
+    payment_window_seconds: PaymentWindow = 900
 
 
 class ProductPatch(_Rules):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    price_amount: MinorUnits | None = None
-    currency: Currency | None = None
-    total_stock: Stock | None = Field(default=None, ge=0, le=10**9)
+    """Only the fields sent change. The presale window, ship date and per-user limit accept null, which
+    clears them; the other columns can't be empty, so null is refused (400) and not offered by the schema."""
+
+    name: Text | Unset = None
+    price_amount: MinorUnits | Unset = None
+    currency: Currency | Unset = None
+    total_stock: Stock | Unset = None
     starts_at: Timestamp | None = None
     ends_at: Timestamp | None = None
     ships_at: Timestamp | None = None
-    per_user_limit: StrictInt | None = Field(default=None, ge=1, le=10**6)
-    payment_window_seconds: StrictInt | None = Field(default=None, ge=1, le=30 * 86_400)
+    per_user_limit: PerUserLimit | None = None
+    payment_window_seconds: PaymentWindow | Unset = None
+
+    @field_validator("name", "price_amount", "currency", "total_stock", "payment_window_seconds", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        # Runs only for fields that were sent: an omitted one keeps its default and means "unchanged".
+        if value is None:
+            raise ValueError("may be omitted but not null")
+        return value
+
+
+class ProductQuery(BaseModel):
+    """GET /api/products paging; unknown parameters are refused, as everywhere."""
+
+    model_config = ConfigDict(extra="forbid")
+    cursor: ProductId | None = Field(default=None, description="next_cursor of the previous page")
+    limit: int = Field(default=50, ge=1, le=100)
 
 
 class ProductOut(BaseModel):
