@@ -111,6 +111,13 @@ async def test_only_an_admin_ships_even_the_customers_own_paid_order(client, db,
     await assert_invariants(db, redis, created=[oid])
 
 
+async def test_a_customer_asking_to_ship_a_pending_order_is_403_not_409(client, db, alices_order):
+    before = await state(db, client)
+    r = await client.put(f"/api/preorder/{alices_order['order_id']}", json={"status": "shipped"}, headers=ALICE)
+    assert r.status_code == 403, "shipping is admin's whatever the order's status"
+    assert await state(db, client) == before
+
+
 async def test_admin_can_act_on_anyones_order(client, db, redis, alices_order):
     oid = alices_order["order_id"]
     assert (await client.get(f"/api/preorder/{oid}", headers=ADMIN)).json()["user_id"] == "U-alice"

@@ -96,6 +96,7 @@ async def test_one_reference_pays_one_order(client, db, redis, order):
     before = await order_state(db, client, second["order_id"])
     reused = await mark_paid(client, second, {"reference": "PAY-1", "amount": DUE})
     assert reused.status_code == 409 and reused.headers["content-type"] == "application/problem+json"
+    assert reused.json()["type"] == "/problems/payment-reference-used"
     assert await order_state(db, client, second["order_id"]) == before
     await assert_invariants(db, redis, created=[order["order_id"], second["order_id"]])
 
@@ -176,7 +177,8 @@ async def test_a_refused_payment_at_create_leaves_no_live_order_and_no_stock_hel
     r = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 2, "payment": payment},
                           headers=U1)
     assert r.status_code == 409 and r.headers["content-type"] == "application/problem+json"
-    assert await db.fetchval("SELECT count(*) FROM orders WHERE status <> 'cancelled'") == 0
+    assert r.json()["type"] == "/problems/payment-mismatch"
+    assert await db.fetchval("SELECT count(*) FROM orders") == 0, "refused before anything is written"
     assert await db.fetchval("SELECT count(*) FROM orders WHERE payment_reference IS NOT NULL") == 0
     assert (await client.get("/api/products/P1001")).json()["available"] == 10
     await assert_invariants(db, redis)

@@ -64,10 +64,14 @@ async def test_per_user_limit_holds_under_concurrency(client, db, redis):
 async def test_cancelling_frees_room_under_the_per_user_limit(client):
     await make_product(client, total_stock=10, per_user_limit=2)
     me = bearer("U-1")
-    first = (await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 2}, headers=me)).json()
-    assert (await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1}, headers=me)).status_code == 409
+
+    async def order(qty: int):
+        return await client.post("/api/preorder", json={"product_id": "P1001", "quantity": qty}, headers=me)
+
+    first = (await order(2)).json()
+    assert (await order(1)).status_code == 409
     await client.delete(f"/api/preorder/{first['order_id']}", headers=me)
-    assert (await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 2}, headers=me)).status_code == 201
+    assert (await order(2)).status_code == 201
 
 
 async def test_concurrent_cancels_release_stock_once(client, db, redis):

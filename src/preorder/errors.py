@@ -57,6 +57,14 @@ class InvalidTransition(Conflict):
     kind, title = "invalid-transition", "Transition not allowed"
 
 
+class PaymentMismatch(Conflict):
+    kind, title = "payment-mismatch", "Payment does not match the amount due"
+
+
+class PaymentReferenceUsed(Conflict):
+    kind, title = "payment-reference-used", "Payment reference already used"
+
+
 class IdempotencyInProgress(Conflict):
     kind, title = "idempotency-in-progress", "A request with this Idempotency-Key is still running"
 

@@ -17,18 +17,20 @@ from preorder.auth import Principal
 from preorder.db import PgConn, PgPool
 from preorder.errors import (
     BadRequest,
-    Conflict,
     Forbidden,
     IdempotencyInProgress,
     IdempotencyMismatch,
     InvalidTransition,
     NotFound,
+    PaymentMismatch,
+    PaymentReferenceUsed,
     Unavailable,
 )
 from preorder.ids import new_id
 from preorder.orders import machine
 from preorder.orders import repository as repo
 from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
+from preorder.products import repository as products_repo
 from preorder.settings import Settings
 from preorder.stock.service import Reservation, Stock
 
@@ -96,6 +98,8 @@ class Orders:
         return to_out(row)
 
     async def _create(self, user_id: str, body: OrderCreate, key: str | None, fingerprint: str | None) -> OrderOut:
+        if body.payment is not None:
+            await self._check_payment_at_create(body.product_id, body.quantity, body.payment)
         order_id = new_id()
         held = await self.stock.reserve(
             product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id
@@ -142,6 +146,13 @@ class Orders:
         finally:
             await _give_back(self.pool, conn)
 
+    async def _check_payment_at_create(self, product_id: str, quantity: int, payment: Payment) -> None:
+        """Refuse a wrong payment before anything is reserved or written (one extra read, only with a payment)."""
+        product = await products_repo.get(self.pool, product_id)
+        if product is None:
+            raise NotFound(f"Unknown product {product_id}")
+        _match(payment, amount_due=product["price_amount"] * quantity, currency=product["currency"])
+
     async def _pay_at_once(self, order: OrderOut, payment: Payment, user_id: str) -> OrderOut:
         actor = Principal(sub=user_id, role="customer")
         try:
@@ -159,6 +170,8 @@ class Orders:
         return to_out(row)
 
     async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange) -> OrderOut:
+        if not machine.may_ever(principal, change.status):
+            raise Forbidden(f"Only an admin may mark an order {change.status}")
         rule = machine.rule_for(order.status, change.status)
         if rule is None:
             raise InvalidTransition(f"An order can't go from {order.status} to {change.status}",
@@ -187,7 +200,7 @@ class Orders:
         try:
             return await repo.transition(self.pool, record)
         except asyncpg.UniqueViolationError:
-            raise Conflict("This payment reference has already paid an order") from None
+            raise PaymentReferenceUsed("This payment reference has already paid an order") from None
 
     async def cancel(self, principal: Principal, order: OrderOut, reason: str | None) -> OrderOut:
         """DELETE: cancelling a cancelled order answers the same and releases nothing."""
@@ -233,7 +246,11 @@ def _check_payment(order: OrderOut, change: StatusChange) -> Payment:
     payment = change.payment
     if payment is None:
         raise BadRequest("Marking an order paid needs payment.reference and payment.amount")
-    if payment.amount != order.amount_due or (payment.currency and payment.currency != order.currency):
-        raise Conflict(f"Payment must be exactly {order.amount_due} {order.currency}",
-                       amount_due=order.amount_due, currency=order.currency)
+    _match(payment, amount_due=order.amount_due, currency=order.currency)
     return payment
+
+
+def _match(payment: Payment, *, amount_due: int, currency: str) -> None:
+    if payment.amount != amount_due or (payment.currency and payment.currency != currency):
+        raise PaymentMismatch(f"Payment must be exactly {amount_due} {currency}",
+                              amount_due=amount_due, currency=currency)
