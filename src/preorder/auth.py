@@ -77,7 +77,7 @@ def mint_token(settings: Settings, *, sub: str, role: Role, ttl_s: int = 86_400,
 _bearer = HTTPBearer(auto_error=False, description="JWT with claims sub, role, exp, aud=preorder")
 
 
-def current_user(
+async def current_user(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
@@ -86,7 +86,7 @@ def current_user(
     return verifier.verify(credentials.credentials)
 
 
-def admin_user(principal: Annotated[Principal, Depends(current_user)]) -> Principal:
+async def admin_user(principal: Annotated[Principal, Depends(current_user)]) -> Principal:
     if not principal.is_admin:
         raise Forbidden("Admin role required")
     return principal

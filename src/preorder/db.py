@@ -61,7 +61,7 @@ async def create_pool(settings: Settings) -> PgPool:
     return pool
 
 
-def get_pool(request: Request) -> PgPool:
+async def get_pool(request: Request) -> PgPool:
     pool: PgPool = request.app.state.pool
     return pool
 

@@ -30,7 +30,7 @@ IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, ma
                                        pattern=r"^[\x21-\x7e]+$")]
 
 
-def get_orders(request: Request) -> Orders:
+async def get_orders(request: Request) -> Orders:
     orders: Orders = request.app.state.orders
     return orders
 
