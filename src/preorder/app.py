@@ -18,11 +18,10 @@ from preorder.middleware import BodyLimit
 from preorder.orders.router import router as orders_router
 from preorder.orders.service import Orders
 from preorder.products.router import router as products_router
-from preorder.ratelimit import OrderRateLimit
 from preorder.responses import Problem
 from preorder.service_routes import router as service_router
 from preorder.settings import Settings, get_settings
-from preorder.stock.service import Stock
+from preorder.stock.service import RateLimits, Stock
 from preorder.workers.loops import run_forever
 
 
@@ -31,11 +30,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     pool = await db.create_pool(settings)
     redis = cache.create_redis(settings)
-    stock = Stock(redis, pool)
+    stock = Stock(redis, pool, rate=rate_limits(settings), sold_out_ttl_s=settings.sold_out_ttl_ms / 1000)
     app.state.pool, app.state.redis, app.state.stock = pool, redis, stock
     app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
     app.state.verifier = TokenVerifier(settings)
-    app.state.ratelimit = OrderRateLimit(redis, settings)
     worker = asyncio.create_task(run_forever(app.state.orders)) if settings.workers_enabled else None
     try:
         yield
@@ -46,6 +44,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await worker
         await redis.aclose()
         await asyncio.wait_for(pool.close(), timeout=5)
+
+
+def rate_limits(settings: Settings) -> RateLimits:
+    return RateLimits(settings.rate_limit_per_user, settings.rate_limit_per_client, settings.rate_limit_window_s * 1000)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     rate_limit_per_user: int = Field(default=20, ge=1, description="order creates per window per user")
     rate_limit_per_client: int = Field(default=200, ge=1, description="order creates per window per address")
     rate_limit_window_s: int = Field(default=1, ge=1)
+    # How long this process answers "sold out" without asking Redis after seeing a product sold out.
+    sold_out_ttl_ms: int = Field(default=200, ge=0, le=5_000)
 
     idempotency_ttl_s: int = Field(default=86_400, ge=60)
     # An order row may only be written this soon after its reservation; the reconciler only frees holds

@@ -22,7 +22,6 @@ from preorder.orders.schemas import (
     StatusChange,
 )
 from preorder.orders.service import Orders, owner_filter, to_out
-from preorder.ratelimit import OrderCreationLimit
 from preorder.responses import problems
 
 router = APIRouter(prefix="/api/preorder", tags=["orders"])
@@ -52,11 +51,12 @@ async def create_order(
     body: OrderCreate,
     principal: CurrentUser,
     orders: OrdersDep,
+    request: Request,
     response: Response,
-    _: OrderCreationLimit,
     idem_key: IdemKey = None,
 ) -> OrderOut:
-    order, replayed = await orders.create(principal, body, idem_key)
+    client = request.client.host if request.client else "unknown"
+    order, replayed = await orders.create(principal, body, idem_key=idem_key, client=client)
     response.headers["Location"] = f"/api/preorder/{order.order_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"

@@ -32,7 +32,7 @@ from preorder.orders import repository as repo
 from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
 from preorder.products import repository as products_repo
 from preorder.settings import Settings
-from preorder.stock.service import Reservation, Stock
+from preorder.stock.service import Ask, Reservation, Stock
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -55,13 +55,15 @@ class Orders:
 
     # ---- create ---------------------------------------------------------------------------------------
 
-    async def create(self, principal: Principal, body: OrderCreate, idem_key: str | None) -> tuple[OrderOut, bool]:
+    async def create(
+        self, principal: Principal, body: OrderCreate, *, idem_key: str | None, client: str
+    ) -> tuple[OrderOut, bool]:
         """Returns the order and whether it is a replay of an earlier request with the same key."""
         user_id = self._customer_for(principal, body)
         if body.quantity > self.settings.max_quantity:
             raise BadRequest(f"quantity must be at most {self.settings.max_quantity}")
         if idem_key is None:
-            return await self._create(user_id, body, None, None), False
+            return await self._create(user_id, body, client, None, None), False
         fingerprint = hashlib.sha256(orjson.dumps(body.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
         replay = await self._replay(user_id, idem_key, fingerprint)
         if replay is not None:
@@ -71,7 +73,7 @@ class Orders:
         if not await self.redis.set(marker, fingerprint, nx=True, px=int(self.settings.write_deadline_s * 2000)):
             raise IdempotencyInProgress("Retry once the first request has finished")
         try:
-            return await self._create(user_id, body, idem_key, fingerprint), False
+            return await self._create(user_id, body, client, idem_key, fingerprint), False
         except asyncpg.UniqueViolationError:
             # Another request with this key committed first (its marker was lost with Redis): replay it.
             replay = await self._replay(user_id, idem_key, fingerprint)
@@ -97,12 +99,14 @@ class Orders:
         assert row is not None
         return to_out(row)
 
-    async def _create(self, user_id: str, body: OrderCreate, key: str | None, fingerprint: str | None) -> OrderOut:
+    async def _create(
+        self, user_id: str, body: OrderCreate, client: str, key: str | None, fingerprint: str | None
+    ) -> OrderOut:
         if body.payment is not None:
             await self._check_payment_at_create(body.product_id, body.quantity, body.payment)
         order_id = new_id()
         held = await self.stock.reserve(
-            product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id
+            Ask(product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id, client=client)
         )
         new = repo.NewOrder(
             order_id=order_id, product_id=body.product_id, user_id=user_id, quantity=body.quantity,

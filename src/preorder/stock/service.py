@@ -4,18 +4,20 @@ hash tag ({product_id}), so the scripts run unchanged on Redis Cluster."""
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 
 from preorder.db import PgConn, PgPool
-from preorder.errors import NotFound, OutOfStock, PresaleClosed, Unavailable, UserLimitReached
+from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
 from preorder.stock import repository as repo
 
 LIVE = ("pending", "paid")  # statuses whose stock is held and can still come back
@@ -68,37 +70,102 @@ def parse_hold(order_id: bytes | str, value: bytes | str) -> Hold:
     return Hold(uuid.UUID(oid), int(qty), user, int(at))
 
 
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One customer's request for stock."""
+
+    product_id: str
+    order_id: uuid.UUID
+    quantity: int
+    user_id: str
+    client: str
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Order creates allowed per window, per customer and per client address, counted per product: the counters
+    share the product's hash tag, so the check runs inside the reserve script (no extra round trip, and the
+    script still runs unchanged on Redis Cluster). Measured: a separate limiter (the `limits` library, two
+    calls) cost more CPU than the reservation itself."""
+
+    per_user: int = 1_000_000
+    per_client: int = 1_000_000
+    window_ms: int = 1000
+
+    @property
+    def args(self) -> tuple[int, int, int]:
+        return self.per_user, self.per_client, self.window_ms
+
+
+class SoldOutMarks:
+    """Products this process saw sold out in the last ttl_s. A mark only ever refuses, never grants stock, so
+    the worst a stale mark does is refuse for ttl_s after stock came back elsewhere; in exchange most of a
+    flash sale's traffic (refusals) costs no Redis call at all. Cleared at once when this process releases."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._until: dict[str, float] = {}
+
+    def refuses(self, product_id: str) -> bool:
+        until = self._until.get(product_id)
+        return until is not None and until > time.monotonic()
+
+    def mark(self, product_id: str) -> None:
+        self._until[product_id] = time.monotonic() + self._ttl_s
+
+    def clear(self, product_id: str) -> None:
+        self._until.pop(product_id, None)
+
+
 class NotLoaded(Exception):
     """Redis holds no counters for this product (never loaded, or its data was lost)."""
 
 
 class Stock:
-    def __init__(self, redis: aioredis.Redis, pool: PgPool) -> None:
+    def __init__(self, redis: aioredis.Redis, pool: PgPool, *, rate: RateLimits | None = None,
+                 sold_out_ttl_s: float = 0.2) -> None:
         self.redis = redis
         self.pool = pool
+        self.rate = rate or RateLimits()
+        self.sold_out = SoldOutMarks(sold_out_ttl_s)
         self._reserve = redis.register_script(_script("reserve.lua"))
         self._settle = redis.register_script(_script("release.lua"))
         self._load = redis.register_script(_script("load.lua"))
         self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    async def reserve(self, *, product_id: str, order_id: uuid.UUID, quantity: int, user_id: str) -> Reservation:
+    async def reserve(self, ask: Ask) -> Reservation:
         """Reserve, loading the product from PostgreSQL first if Redis has no counters for it."""
+        if self.sold_out.refuses(ask.product_id):
+            raise OutOfStock("Sold out", available=0)
         for _ in range(3):
             try:
-                return await self._try_reserve(product_id, order_id, quantity, user_id)
+                return await self._try_reserve(ask)
             except NotLoaded:
-                await self.ensure_loaded(product_id)
+                await self.ensure_loaded(ask.product_id)
         raise Unavailable("Stock is being rebuilt; retry shortly")
 
-    async def _try_reserve(self, product_id: str, order_id: uuid.UUID, quantity: int, user_id: str) -> Reservation:
-        answer = await self._reserve(keys=keys(product_id), args=[str(order_id), quantity, user_id])
-        code = answer[0].decode()
-        if code == "OK":
+    async def _try_reserve(self, ask: Ask) -> Reservation:
+        tag = f"po:{{{ask.product_id}}}"
+        rate_keys = [f"{tag}:rl:u:{ask.user_id}", f"{tag}:rl:c:{ask.client}"]
+        answer = await self._reserve(
+            keys=[f"{tag}:stock", f"{tag}:holds", f"{tag}:users", *rate_keys],
+            args=[str(ask.order_id), ask.quantity, ask.user_id, *self.rate.args],
+        )
+        code = answer[0]
+        if code == b"OK":
             return Reservation(int(answer[1]), int(answer[2]), int(answer[3]))
+        return self._refusal(ask.product_id, code.decode(), answer)
+
+    def _refusal(self, product_id: str, code: str, answer: list[Any]) -> NoReturn:
         if code == "NOT_LOADED":
             raise NotLoaded(product_id)
         if code == "OUT_OF_STOCK":
-            raise OutOfStock(f"Only {int(answer[1])} left", available=int(answer[1]))
+            available = int(answer[1])
+            if available == 0:
+                self.sold_out.mark(product_id)
+            raise OutOfStock(f"Only {available} left", available=available)
+        if code == "RATE_LIMITED":
+            raise RateLimited(retry_after=max(1, math.ceil(int(answer[1]) / 1000)))
         if code == "USER_LIMIT":
             remaining = max(int(answer[1]), 0)
             raise UserLimitReached(f"You may order {remaining} more of this product", remaining=remaining)
@@ -108,7 +175,10 @@ class Stock:
 
     async def release(self, product_id: str, order_id: uuid.UUID) -> int:
         """Give back what the order's hold still holds; a second call gives back nothing."""
-        return int(await self._settle(keys=keys(product_id), args=[str(order_id), "release"]))
+        given = int(await self._settle(keys=keys(product_id), args=[str(order_id), "release"]))
+        if given:
+            self.sold_out.clear(product_id)
+        return given
 
     async def drop(self, product_id: str, order_id: uuid.UUID) -> int:
         """The order shipped: forget its hold, keep its stock sold."""
@@ -145,6 +215,7 @@ class Stock:
         """Bump the product's epoch and reload Redis from PostgreSQL. `apply` changes the product in the
         same transaction, so no order reserved against the old figures can commit after the change."""
         snap = await self._bump_and_snapshot(product_id, only_if_missing=only_if_missing, apply=apply)
+        self.sold_out.clear(product_id)  # the product may have stock again (e.g. a PATCH raised it)
         for _ in range(3):  # each further round needs yet another loader racing this one: rare, so bounded
             if snap is None or await self._load_is_newest(product_id, snap):
                 return
