@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import asyncpg
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -101,9 +102,18 @@ class Unavailable(DomainError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class ProblemResponse(JSONResponse):
+    """problem+json rendered by orjson: most of a flash sale's answers are 409s (stdlib json measured ~12 us)."""
+
+    media_type = PROBLEM
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, default=str)
+
+
 def problem(status: int, kind: str, title: str, detail: str, **extra: Any) -> JSONResponse:
     body = {"type": f"/problems/{kind}", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    return ProblemResponse(body, status_code=status)
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:

@@ -20,6 +20,7 @@ from preorder.orders.schemas import (
     OrderPage,
     OrderQuery,
     StatusChange,
+    order_json,
 )
 from preorder.orders.service import Orders, owner_filter, to_out
 from preorder.responses import problems
@@ -45,22 +46,17 @@ async def owned_order(order_id: uuid.UUID, principal: CurrentUser, orders: Order
 OwnedOrder = Annotated[OrderOut, Depends(owned_order)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED,
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=OrderOut,
              responses=problems(400, 401, 403, 404, 409, 413, 422, 429, 503))
 async def create_order(
-    body: OrderCreate,
-    principal: CurrentUser,
-    orders: OrdersDep,
-    request: Request,
-    response: Response,
-    idem_key: IdemKey = None,
-) -> OrderOut:
+    body: OrderCreate, principal: CurrentUser, orders: OrdersDep, request: Request, idem_key: IdemKey = None
+) -> Response:
     client = request.client.host if request.client else "unknown"
     order, replayed = await orders.create(principal, body, idem_key=idem_key, client=client)
-    response.headers["Location"] = f"/api/preorder/{order.order_id}"
+    headers = {"Location": f"/api/preorder/{order.order_id}"}
     if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return order
+        headers["Idempotent-Replayed"] = "true"
+    return Response(order_json(order), status_code=201, media_type="application/json", headers=headers)
 
 
 @router.get("", responses=problems(400, 401, 403, 503))

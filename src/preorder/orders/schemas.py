@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from preorder.types import Currency, MinorUnits, ProductId, Text, Timestamp, UserId
@@ -94,3 +95,9 @@ class EventOut(BaseModel):
 class EventList(BaseModel):
     order_id: uuid.UUID
     items: list[EventOut]
+
+
+def order_json(order: OrderOut) -> bytes:
+    """The hot path's encoder: orjson straight from the model's fields, the same JSON FastAPI would write
+    through the response model, without validating our own output again (measured on POST /api/preorder)."""
+    return orjson.dumps(order.__dict__, default=str, option=orjson.OPT_UTC_Z)  # str: asyncpg's own UUID type

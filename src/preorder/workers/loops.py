@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from preorder.orders import repository as order_repo
 from preorder.orders.service import Orders
@@ -12,20 +13,25 @@ from preorder.workers.reconciler import settle_all
 log = logging.getLogger("preorder.workers")
 
 
-async def run_once(orders: Orders) -> None:
+async def run_once(orders: Orders, *, reconcile: bool = True) -> None:
     expired = await orders.expire_due()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
-    settled = await settle_all(orders.stock, orphan_hold_s=orders.settings.orphan_hold_s)
-    if settled.released or settled.dropped or settled.orphans or settled.rebuilt:
-        log.warning("settled holds: %s", settled)
-    await order_repo.purge_idempotency(orders.pool, limit=1000)
+    if reconcile:
+        settled = await settle_all(orders.stock, orphan_hold_s=orders.settings.orphan_hold_s)
+        if settled.released or settled.dropped or settled.orphans or settled.rebuilt:
+            log.warning("settled holds: %s", settled)
+        await order_repo.purge_idempotency(orders.pool, limit=1000)
 
 
 async def run_forever(orders: Orders) -> None:
+    next_reconcile = 0.0
     while True:
         try:
-            await run_once(orders)
+            due = time.monotonic() >= next_reconcile
+            await run_once(orders, reconcile=due)
+            if due:
+                next_reconcile = time.monotonic() + orders.settings.reconcile_interval_s
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a dependency is down: try again next round, never die
