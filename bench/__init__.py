@@ -1,0 +1,1 @@
+"""The preorder benchmark: `python -m bench` (see README.md)."""

@@ -1,0 +1,300 @@
+"""`make bench` / `python -m bench`: throughput and latency of POST /api/preorder against real PostgreSQL and
+Redis, the service as a real `preorder serve` process on one core, wrk on another. See bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import checks, load, procs, report, stack
+from bench import profile as prof
+
+SCENARIOS = ["bare", "create", "soldout", "spread"]
+PROFILED = ["bare", "create", "soldout"]  # bare: the framework floor to compare the others with
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
+    p.add_argument("--connections", type=int, default=64, help="open wrk connections (default 64)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every scenario (default 3)")
+    p.add_argument("--warmup", type=float, default=3, help="seconds of unrecorded load per scenario first")
+    p.add_argument("--quick", action="store_true", help="smoke check: 1 round of 2 s, 1 s warm-up")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    p.add_argument("--users", type=int, default=2000, help="customer tokens the load rotates over")
+    p.add_argument("--spread-products", type=int, default=1000, help="products of the spread scenario")
+    p.add_argument("--server-core", type=int, default=0, help="core of the server under test")
+    p.add_argument("--load-core", type=int, default=1, help="core of wrk, the driver and (embedded) PG + Redis")
+    p.add_argument("--no-pin-backends", action="store_true", help="let PostgreSQL and Redis float over all cores")
+    p.add_argument("--max-foreign-cpu", type=float, default=25,
+                   help="%% of a core other processes may use during a run before it is run again (default 25)")
+    p.add_argument("--retries", type=int, default=1, help="re-runs of a run that other processes disturbed")
+    p.add_argument("--quiet-wait", type=float, default=10,
+                   help="seconds to wait, before each run, for the machine to be idle (default 10)")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, py-spy the servers under bare, create and soldout")
+    p.add_argument("--profile-duration", type=float, default=10, help="seconds of py-spy sampling per scenario")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra setting for both servers, e.g. PREORDER_DB_POOL_MAX=20 (repeatable)")
+    p.add_argument("--ref", help="benchmark this git ref's src/ (e.g. HEAD) instead of the working tree")
+    p.add_argument("--out", default="results", help="folder for JSON, PNG, profiles and logs (git-ignored)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.warmup, args.profile_duration = 2, 1, 1, 3
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    if any("=" not in item for item in args.env):
+        p.error("--env takes NAME=VALUE")
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+class Progress:
+    """One line per step, with the time since the start: enough to see it is moving and where time goes."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {message}", flush=True)
+
+
+@dataclass
+class Ledger:
+    """Every wrk run against the service (warm-up and profiling too): what the correctness check needs."""
+
+    connections: int
+    created_201: int = 0
+    unexpected: int = 0
+    runs: int = 0
+    rss_max_bytes: int = 0
+    loaded_s: float = 0.0
+
+    def add(self, run: report.Run) -> None:
+        w = run.wrk
+        self.created_201 += w.s201
+        self.unexpected += w.sother + w.socket_errors + w.timeouts
+        self.runs += 1
+        self.rss_max_bytes = max(self.rss_max_bytes, run.server_rss_max_bytes)
+        self.loaded_s += w.duration_s
+
+
+@dataclass
+class Bench:
+    """The running system: servers, where they listen, the seed, and the options."""
+
+    args: argparse.Namespace
+    backends: stack.Backends
+    servers: dict[str, tuple[procs.Managed, str]]  # scenario -> (server process, base url)
+    seed: stack.Seed
+    logs: Path
+    ledger: Ledger
+    say: Progress
+    code: dict[str, Any]  # the commit and uncommitted changes the servers were started from
+    runs: list[report.Run] = field(default_factory=list)
+
+    def run(self, scenario: str, *, round_no: int, duration_s: float) -> report.Run:
+        """One measured run; run again (up to --retries) when other processes on the machine disturbed it."""
+        for attempt in range(self.args.retries + 1):
+            procs.wait_quiet(max_busy_pct=self.args.max_foreign_cpu, max_wait_s=self.args.quiet_wait)
+            run = self.measure(scenario, round_no=round_no, duration_s=duration_s)
+            if run.foreign_cpu_pct <= self.args.max_foreign_cpu or attempt == self.args.retries:
+                return run
+            self.say(f"  {scenario} disturbed (other processes used {run.foreign_cpu_pct:.0f}% of a core): again")
+        raise AssertionError("unreachable")
+
+    def measure(self, scenario: str, *, round_no: int, duration_s: float) -> report.Run:
+        server, url = self.servers[scenario]
+        spec = load.LoadSpec(url=url, products_file=self.seed.files[scenario], tokens_file=self.seed.tokens_file,
+                             duration_s=duration_s, connections=self.args.connections, core=self.args.load_core)
+        with procs.sampled(server.pid, ours=self.our_pids) as usage:
+            result = load.run_wrk(spec, log=self.logs / f"wrk-{scenario}.log")
+        run = report.Run(scenario, round_no, result, usage.rss_max_bytes, usage.cpu_s, usage.core_busy_pct,
+                         usage.foreign_cpu_pct)
+        if scenario != "bare":
+            self.ledger.add(run)  # every run, kept or not: its orders are in PostgreSQL
+        time.sleep(1)  # let the server finish what wrk abandoned at its deadline before the next run
+        return run
+
+    def our_pids(self) -> list[int]:
+        return [*{server.pid for server, _ in self.servers.values()}, *self.backends.pids()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    say = Progress()
+    signal.signal(signal.SIGTERM, _interrupt)  # a plain kill also goes through the cleanup below
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # ExitStack closes before the temporary folder is removed: servers stop before their data goes.
+    with tempfile.TemporaryDirectory(prefix="preorder-bench-") as tmp, contextlib.ExitStack() as started:
+        try:
+            return _bench(args, folder=Path(tmp), out=out, stamp=stamp, started=started, say=say)
+        except KeyboardInterrupt:
+            say("interrupted: stopping every process the benchmark started")
+            return 130
+        finally:
+            say("stopping servers")
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _bench(args: argparse.Namespace, *, folder: Path, out: Path, stamp: str, started: contextlib.ExitStack,
+           say: Progress) -> int:
+    os.sched_setaffinity(0, {args.load_core})  # the driver and its samplers stay off the server core
+    say(f"wrk: {load.ensure_wrk()}")
+    bench = _start(args, folder=folder, logs=out / f"bench-{stamp}-logs", started=started, say=say)
+    _warm_up(bench)
+    for round_no in range(1, args.rounds + 1):
+        for scenario in args.scenarios:
+            run = bench.run(scenario, round_no=round_no, duration_s=args.duration)
+            bench.runs.append(run)
+            say(f"round {round_no}/{args.rounds} {scenario:<8} {_run_line(run)}")
+    if args.profile:
+        _profile(bench, out=out)
+    return _finish(bench, out=out, stamp=stamp)
+
+
+def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: contextlib.ExitStack,
+           say: Progress) -> Bench:
+    logs.mkdir(parents=True, exist_ok=True)
+    backends = stack.start_backends(folder, started, core=None if args.no_pin_backends else args.load_core)
+    source = stack.export_source(args.ref, folder / "code") if args.ref else None
+    env = stack.service_env(backends, stack.new_secret(), source=source)
+    env.update(dict(item.split("=", 1) for item in args.env))
+    stack.migrate(env)
+    say(f"PostgreSQL and Redis ready ({'embedded' if backends.embedded else 'from the environment'}), migrated")
+    code = _code_version(args.ref)  # read as the servers import the code: the working tree may change later
+    service = stack.start_service(env=env, core=args.server_core, logs=logs, started=started)
+    say(f"service up: pid {service[0].pid} at {service[1]} on core {args.server_core}")
+    bare = stack.start_bare(env=env, core=args.server_core, logs=logs, started=started)
+    say(f"bare app up: pid {bare[0].pid} at {bare[1]} on core {args.server_core}")
+    seed = stack.seed(service[1], folder=folder, secret=env["PREORDER_JWT_SECRET"], users=args.users,
+                      spread=args.spread_products)
+    say(f"seeded {len(seed.all_products):,} products and {args.users:,} customer tokens")
+    servers = {s: (bare if s == "bare" else service) for s in SCENARIOS}
+    return Bench(args, backends, servers, seed, logs, Ledger(args.connections), say, code)
+
+
+def _warm_up(bench: Bench) -> None:
+    """Unrecorded load first: connection pools filled, caches and allocator in their steady state."""
+    if bench.args.warmup <= 0:
+        return
+    for scenario in bench.args.scenarios:
+        run = bench.run(scenario, round_no=0, duration_s=bench.args.warmup)
+        bench.say(f"warm-up  {scenario:<8} {_run_line(run)}")
+
+
+def _run_line(run: report.Run) -> str:
+    w = run.wrk
+    cores = " ".join(f"core{c} {p:.0f}%" for c, p in sorted(run.core_busy_pct.items()))
+    odd = f" other:{w.sother}({w.other_codes}) sock:{w.socket_errors} timeout:{w.timeouts}" if (
+        w.sother or w.socket_errors or w.timeouts) else ""
+    return (f"{w.rps:8,.0f} req/s  p50 {w.p50_ms:6.2f} ms  p99 {w.p99_ms:6.2f} ms  "
+            f"201:{w.s201:,} 409:{w.s409:,}{odd}  server CPU {run.server_cpu_pct:.0f}%  "
+            f"RSS {run.server_rss_max_bytes / report.MB:.0f} MB  [{cores}, others {run.foreign_cpu_pct:.0f}%]")
+
+
+def _profile(bench: Bench, *, out: Path) -> None:
+    py_spy = prof.find_py_spy()
+    if py_spy is None:
+        bench.say("py-spy not found: skipping the profile (uv pip install py-spy)")
+        return
+    seconds = bench.args.profile_duration
+    for scenario in [s for s in PROFILED if s in bench.args.scenarios]:
+        server = bench.servers[scenario][0]
+        for fmt, suffix in (("flamegraph", "svg"), ("raw", "txt")):
+            path = out / f"profile-{scenario}.{suffix}"
+            recorder = prof.start_record(py_spy, pid=server.pid, out=path, fmt=fmt, duration_s=seconds)
+            try:
+                # measured once (py-spy samples one window), and wrk outlasts that window
+                run = bench.measure(scenario, round_no=-1, duration_s=seconds + 1)
+                _, err = recorder.communicate(timeout=30)
+            finally:
+                if recorder.poll() is None:
+                    recorder.kill()
+            if recorder.returncode != 0:
+                bench.say(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+                return
+            bench.say(f"profile written: {path} ({_run_line(run)})")
+        summary = out / f"profile-{scenario}-summary.txt"
+        text = prof.summarise(out / f"profile-{scenario}.txt", rps=run.wrk.rps,
+                              cpu_us_per_request=run.cpu_us_per_request)
+        summary.write_text(text + "\n")
+        bench.say(f"profile summary: {summary}")
+
+
+def _finish(bench: Bench, *, out: Path, stamp: str) -> int:
+    args, ledger = bench.args, bench.ledger
+    backends = bench.backends
+    result = checks.check(
+        database_url=backends.database_url, redis_url=backends.redis_url, products=bench.seed.all_products,
+        created_201=ledger.created_201, in_flight_bound=ledger.connections * ledger.runs,
+        unexpected_answers=ledger.unexpected,
+    )
+    summaries = report.summarise(bench.runs, args.scenarios)
+    goals = report.targets(summaries, service_rss_max_mb=ledger.rss_max_bytes / report.MB)
+    print()
+    print(report.table(summaries))
+    print("\nratios and targets:")
+    print("\n".join(t.line() for t in goals))
+    print(f"  (service RSS: max over {ledger.loaded_s:.0f} s of load in {ledger.runs} runs)\n")
+    print("\n".join(result.lines()))
+    meta = {**_meta(args, ledger), "code": bench.code}
+    json_path, png_path = out / f"bench-{stamp}.json", out / f"bench-{stamp}.png"
+    report.write_json(json_path, meta=meta, runs=bench.runs, summaries=summaries, goals=goals,
+                      checks={"ok": result.ok, **vars(result), "unanswered_orders": result.unanswered_orders})
+    print(f"code: commit {bench.code['commit']}, uncommitted in src/: {len(bench.code['uncommitted'])} file(s)")
+    title = (f"preorder bench {stamp} ({bench.code['commit']}): 1 uvicorn worker on core {args.server_core}, "
+             f"wrk -c{args.connections} on core {args.load_core}, median of {args.rounds} x {args.duration:g}s")
+    report.write_chart(png_path, summaries, title=title)
+    print(f"\nwrote {json_path}\nwrote {png_path}")
+    return 0 if result.ok else 1
+
+
+def _code_version(ref: str | None) -> dict[str, Any]:
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, cwd=stack.ROOT).stdout.strip()
+
+    if ref:
+        return {"commit": git("rev-parse", "--short", ref), "uncommitted": [], "ref": ref}
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": git("status", "--porcelain", "--", "src").splitlines()}
+
+
+def _meta(args: argparse.Namespace, ledger: Ledger) -> dict[str, Any]:
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
+        "machine": platform.machine(), "cores": os.cpu_count(), "cpu": _cpu_model(),
+        "args": {k: v for k, v in vars(args).items()}, "service_loaded_s": ledger.loaded_s,
+        "service_rss_max_mb": ledger.rss_max_bytes / report.MB,
+        "pinning": {"server": args.server_core, "wrk_and_driver": args.load_core,
+                    "postgres_redis": None if args.no_pin_backends else args.load_core},
+    }
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
