@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +35,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool, app.state.redis, app.state.stock = pool, redis, stock
     app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
     app.state.verifier = TokenVerifier(settings)
+    if settings.env != "test":
+        _tune_gc()
     worker = asyncio.create_task(run_forever(app.state.orders)) if settings.workers_enabled else None
     try:
         yield
@@ -44,6 +47,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await worker
         await redis.aclose()
         await asyncio.wait_for(pool.close(), timeout=5)
+
+
+def _tune_gc() -> None:
+    """Measured under load: a full collection every ~1.2 s took 45-95 ms and freed nothing (the long-lived
+    objects are the app itself), which made most of the p99 tail. Freeze what startup built and collect the
+    young generation less often: create p99 103 -> 77 ms, soldout p99 72 -> 26 ms, -70 us of CPU per create."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def rate_limits(settings: Settings) -> RateLimits:
