@@ -31,18 +31,20 @@ def servers() -> Iterator[tuple[str, str]]:
     redis_url = os.environ.get("PREORDER_TEST_REDIS_URL", "")
     started: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="preorder-test-") as tmp:
-        if not db_url:
-            pg = EmbeddedPostgres(Path(tmp) / "postgres")
-            db_url = pg.start()
-            started.append(pg)
-        if not redis_url:
-            rd = EmbeddedRedis(Path(tmp) / "redis", persist=False)
-            redis_url = rd.start()
-            started.append(rd)
-        migrate.upgrade(db_url)
-        yield db_url, redis_url
-        for server in reversed(started):
-            server.stop()
+        try:  # stop what was started even when a later step (a failed migration) raises
+            if not db_url:
+                pg = EmbeddedPostgres(Path(tmp) / "postgres")
+                started.append(pg)
+                db_url = pg.start()
+            if not redis_url:
+                rd = EmbeddedRedis(Path(tmp) / "redis", persist=False)
+                started.append(rd)
+                redis_url = rd.start()
+            migrate.upgrade(db_url)
+            yield db_url, redis_url
+        finally:
+            for server in reversed(started):
+                server.stop()
 
 
 def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
