@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from preorder.db import PgConn, PgPool
 from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
 from preorder.stock import repository as repo
+from preorder.stock.batching import ScriptBatcher
 
 LIVE = ("pending", "paid")  # statuses whose stock is held and can still come back
 
@@ -128,7 +129,7 @@ class Stock:
         self.pool = pool
         self.rate = rate or RateLimits()
         self.sold_out = SoldOutMarks(sold_out_ttl_s)
-        self._reserve = redis.register_script(_script("reserve.lua"))
+        self._reserve = ScriptBatcher(redis, redis.register_script(_script("reserve.lua")))
         self._settle = redis.register_script(_script("release.lua"))
         self._load = redis.register_script(_script("load.lua"))
         self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
