@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from preorder.errors import (
 from preorder.ids import new_id
 from preorder.orders import machine
 from preorder.orders import repository as repo
+from preorder.orders.group_commit import GroupCommit
 from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
 from preorder.products import repository as products_repo
 from preorder.settings import Settings
@@ -53,6 +55,8 @@ def owner_filter(principal: Principal) -> str | None:
 class Orders:
     def __init__(self, *, pool: PgPool, redis: aioredis.Redis, stock: Stock, settings: Settings) -> None:
         self.pool, self.redis, self.stock, self.settings = pool, redis, stock, settings
+        # Up to half the pool writes order batches at once; the other half serves everything else.
+        self._group = GroupCommit(self._insert_many, max_inflight=max(1, settings.db_pool_max // 2))
 
     # ---- create ---------------------------------------------------------------------------------------
 
@@ -143,11 +147,25 @@ class Orders:
         return row
 
     async def _insert(self, new: repo.NewOrder) -> asyncpg.Record | None:
+        if new.idempotency_key is None:
+            return await self._group.submit(new)
+        async with self._connection() as conn:
+            return await _insert_or_unknown(conn, new)
+
+    async def _insert_many(self, news: list[repo.NewOrder]) -> dict[uuid.UUID, asyncpg.Record]:
+        async with self._connection() as conn:
+            try:
+                return await repo.insert_many(conn, news)
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):
+                raise Unavailable("The order store did not answer; retry") from None  # see _insert_or_unknown
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
         # Failing here means no connection, so nothing was written. Waiting longer than the write deadline is
         # useless (the fence would refuse the write) and, with PostgreSQL unreachable, would queue without bound.
         conn = await self.pool.acquire(timeout=self.settings.write_deadline_s)
         try:
-            return await _insert_or_unknown(conn, new)
+            yield conn
         finally:
             await _give_back(self.pool, conn)
 
