@@ -8,7 +8,7 @@ import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -192,6 +192,17 @@ class Stock:
                 return Levels(int(total), int(reserved), int(epoch))
             await self.ensure_loaded(product_id)
         raise Unavailable("Stock is being rebuilt; retry shortly")
+
+    async def hold_pages(self, product_id: str, *, size: int = 1000) -> AsyncIterator[list[Hold]]:
+        """The product's holds a page at a time, so a pass over many live orders holds one page in memory.
+        (HSCAN may repeat a hold across pages: settling is idempotent.)"""
+        cursor = 0
+        while True:
+            cursor, page = await self.redis.hscan(keys(product_id)[1], cursor, count=size)
+            assert isinstance(page, dict)  # HSCAN without NOVALUES answers field -> value
+            yield [parse_hold(oid, value) for oid, value in page.items()]
+            if cursor == 0:
+                return
 
     async def holds(self, product_id: str) -> list[Hold]:
         found = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preorder.stock import repository as stock_repo
-from preorder.stock.service import Stock, keys
+from preorder.stock.service import Hold, Stock, keys
 
 log = logging.getLogger("preorder.reconciler")
 
@@ -27,10 +27,16 @@ class Settled:
 
 
 async def settle_holds(stock: Stock, product_id: str, *, orphan_hold_s: float) -> Settled:
-    holds = await stock.holds(product_id)
     done = Settled()
-    if not holds:
-        return done
+    async for holds in stock.hold_pages(product_id):
+        if holds:
+            await _settle_page(stock, product_id, holds, orphan_hold_s=orphan_hold_s, done=done)
+    return done
+
+
+async def _settle_page(
+    stock: Stock, product_id: str, holds: list[Hold], *, orphan_hold_s: float, done: Settled
+) -> None:
     now_ms = await _redis_now_ms(stock)
     statuses = await stock_repo.order_statuses(stock.pool, [h.order_id for h in holds])
     for h in holds:
@@ -43,7 +49,6 @@ async def settle_holds(stock: Stock, product_id: str, *, orphan_hold_s: float) -
             done.released += await _count(stock.release(product_id, h.order_id))
         elif status in ("shipped", "completed"):
             done.dropped += await _count(stock.drop(product_id, h.order_id))
-    return done
 
 
 async def _count(settling: Any) -> int:
