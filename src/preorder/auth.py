@@ -86,6 +86,20 @@ async def current_user(
     return verifier.verify(credentials.credentials)
 
 
+async def bearer_principal(request: Request) -> Principal:
+    """current_user in one step, for the hot route: FastAPI's security-scheme dependency costs a second
+    dependency level per request (measured on POST /api/preorder). The route declares the scheme itself
+    (BEARER_SECURITY), so /docs and the OpenAPI document are unchanged."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Missing bearer token")
+    verifier: TokenVerifier = request.app.state.verifier
+    return verifier.verify(token.strip())
+
+
+BEARER_SECURITY: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
+
+
 async def admin_user(principal: Annotated[Principal, Depends(current_user)]) -> Principal:
     if not principal.is_admin:
         raise Forbidden("Admin role required")
