@@ -3,6 +3,7 @@ named by PREORDER_TEST_DATABASE_URL / PREORDER_TEST_REDIS_URL when set. No mocks
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -84,10 +85,25 @@ async def app(settings: Settings, db: asyncpg.Connection, redis: aioredis.Redis)
         yield application
 
 
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+@contextlib.asynccontextmanager
+async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that talks to the app in process."""
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An app built from these settings, running (its lifespan entered), and an in-process client for it."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application), asgi_client(application) as c:
+        yield c
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(app) as c:
         yield c
 
 

@@ -23,10 +23,9 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from preorder.app import create_app
 from preorder.auth import mint_token
 from preorder.settings import Settings
-from tests.conftest import ADMIN, SECRET, bearer, make_product, make_settings
+from tests.conftest import ADMIN, SECRET, bearer, make_product, make_settings, serving
 
 DROP = object()
 OTHER_SECRET = "another-secret-that-is-also-long-enough-0123456789"
@@ -193,10 +192,7 @@ def rsa_keys() -> tuple[str, str]:
 @pytest.fixture
 async def rs_client(servers, db, redis, rsa_keys) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
     settings = make_settings(*servers, jwt_algorithm="RS256", jwt_public_key=rsa_keys[1])
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30
-    ) as c:
+    async with serving(settings) as c:
         yield c, settings
 
 

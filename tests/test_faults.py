@@ -16,11 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from preorder import db as dbmod
-from preorder.app import create_app
 from preorder.embedded import EmbeddedRedis
 from preorder.stock.service import Stock, keys
 from preorder.workers.reconciler import settle_all
-from tests.conftest import bearer, make_product, make_settings
+from tests.conftest import bearer, make_product, make_settings, serving
 from tests.harness import (
     PgProxy,
     Server,
@@ -82,8 +81,7 @@ async def test_refused_order_write_releases_the_reservation_at_once_and_answers_
 async def test_order_write_stuck_behind_a_lock_times_out_with_503_and_releases(settings, db, redis):
     fast = make_settings(settings.database_url, settings.redis_url,
                          db_statement_timeout_ms=300, write_deadline_s=1, orphan_hold_s=2)
-    app = create_app(fast)
-    async with app.router.lifespan_context(app), _asgi(app) as c:
+    async with serving(fast) as c:
         await make_product(c, total_stock=5)
         async with db.transaction():
             await db.execute("SELECT 1 FROM products WHERE id = 'P1001' FOR UPDATE")
@@ -164,11 +162,6 @@ async def _holds_at_least(redis: aioredis.Redis, n: int, product_id: str = "P100
     assert await redis.hlen(keys(product_id)[1]) >= n
 
 
-@contextlib.asynccontextmanager
-async def _asgi(app: object) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
-        yield c
 
 
 # ---- real processes ---------------------------------------------------------------------------------------

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 
-import httpx
-
-from preorder.app import create_app
 from preorder.stock.service import keys
-from tests.conftest import bearer, make_product, make_settings
+from tests.conftest import bearer, make_product, make_settings, serving
 from tests.invariants import assert_invariants
 
 ME = bearer("U-idem")
@@ -98,8 +94,7 @@ async def test_idempotent_create_works_with_a_sub_second_write_deadline(settings
     """The in-progress marker lives as long as a create may run; a short deadline must not make it invalid."""
     fast = make_settings(settings.database_url, settings.redis_url,
                          db_statement_timeout_ms=200, write_deadline_s=0.4, orphan_hold_s=1)
-    app = create_app(fast)
-    async with app.router.lifespan_context(app), _client(app) as c:
+    async with serving(fast) as c:
         await make_product(c, total_stock=10)
         first = await c.post("/api/preorder", json=BODY, headers=keyed("k-5"))
         again = await c.post("/api/preorder", json=BODY, headers=keyed("k-5"))
@@ -108,7 +103,3 @@ async def test_idempotent_create_works_with_a_sub_second_write_deadline(settings
     await assert_invariants(db, redis, created={first.json()["order_id"]: 2})
 
 
-@contextlib.asynccontextmanager
-async def _client(app):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as c:
-        yield c

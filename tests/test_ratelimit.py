@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from preorder.app import create_app
-from tests.conftest import ADMIN, bearer, make_product, make_settings
+from tests.conftest import ADMIN, bearer, make_product, make_settings, serving
 from tests.invariants import assert_invariants
 
 U1 = bearer("U1")
@@ -26,10 +25,7 @@ def custom_client(servers, db, redis) -> ClientFactory:
 
     @asynccontextmanager
     async def build(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-        app = create_app(make_settings(*servers, **overrides))
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30
-        ) as client:
+        async with serving(make_settings(*servers, **overrides)) as client:
             yield client
 
     return build

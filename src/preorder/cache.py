@@ -1,12 +1,9 @@
-"""The Redis client: created once in the lifespan, handed out by the `Redis` dependency."""
+"""The Redis client, created once in the lifespan (the stock service and the order service hold it)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import redis.asyncio as aioredis
 import redis.exceptions
-from fastapi import Depends, Request
 
 from preorder.settings import Settings
 
@@ -26,10 +23,3 @@ def create_redis(settings: Settings) -> aioredis.Redis:
     )
     return aioredis.Redis(connection_pool=pool)
 
-
-async def get_redis(request: Request) -> aioredis.Redis:
-    client: aioredis.Redis = request.app.state.redis
-    return client
-
-
-Redis = Annotated[aioredis.Redis, Depends(get_redis)]

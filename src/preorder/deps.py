@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from preorder.settings import Settings
 from preorder.stock.service import Stock
 
 
@@ -18,10 +17,4 @@ async def get_stock(request: Request) -> Stock:
     return stock
 
 
-async def get_app_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 StockDep = Annotated[Stock, Depends(get_stock)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
