@@ -30,6 +30,17 @@ async def test_retry_with_the_same_key_and_body_replays_the_first_answer(client,
     await assert_invariants(db, redis, created={first.json()["order_id"]: 2})
 
 
+async def test_a_retry_after_the_product_sold_out_still_replays_the_order(client, db, redis):
+    await make_product(client, total_stock=2)
+    first = await client.post("/api/preorder", json=BODY, headers=keyed("k-sold"))
+    late = await client.post("/api/preorder", json=BODY, headers=bearer("U-late"))
+    assert first.status_code == 201 and late.status_code == 409, "sold out now, and this process knows it"
+    again = await client.post("/api/preorder", json=BODY, headers=keyed("k-sold"))
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["order_id"] == first.json()["order_id"]
+    await assert_invariants(db, redis, created={first.json()["order_id"]: 2})
+
+
 async def test_same_key_with_another_body_is_refused_with_422(client, db, redis):
     await make_product(client, total_stock=10)
     assert (await client.post("/api/preorder", json=BODY, headers=keyed("k-2"))).status_code == 201

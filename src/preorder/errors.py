@@ -116,11 +116,16 @@ def problem(status: int, kind: str, title: str, detail: str, **extra: Any) -> JS
     return ProblemResponse(body, status_code=status)
 
 
+def render(exc: DomainError) -> JSONResponse:
+    response = problem(exc.status, exc.kind, exc.title, exc.detail, **exc.extra)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    response = problem(exc.status, exc.kind, exc.title, exc.detail, **exc.extra)
-    response.headers.update(exc.headers or {})
-    return response
+    return render(exc)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 
 from preorder.auth import BEARER_SECURITY, CurrentUser, Principal, bearer_principal
-from preorder.errors import BadRequest, Forbidden
+from preorder.errors import BadRequest, DomainError, Forbidden, render
 from preorder.orders import repository as repo
 from preorder.orders.schemas import (
     EventList,
@@ -26,8 +28,26 @@ from preorder.orders.service import Orders, owner_filter, to_out
 from preorder.responses import problems
 
 router = APIRouter(prefix="/api/preorder", tags=["orders"])
-IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=128,
-                                       pattern=r"^[\x21-\x7e]+$")]
+_KEY_PATTERN = r"^[\x21-\x7e]+$"
+IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=128, pattern=_KEY_PATTERN)]
+_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+# The hot route reads the header itself (a declared header parameter measured ~12 us of FastAPI's parameter
+# solving per request) and documents it here, with the same schema the IdemKey parameter gets.
+_KEY_DOC: dict[str, Any] = {"parameters": [{
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Retries with the same key and body make at most one order",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": _KEY_PATTERN},
+}]}
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None or _KEY.fullmatch(key):
+        return key
+    raise RequestValidationError([{
+        "type": "string_pattern_mismatch", "loc": ("header", "Idempotency-Key"), "input": key,
+        "msg": "Idempotency-Key must be 1 to 128 printable ASCII characters without spaces",
+    }])
 
 
 async def get_orders(request: Request) -> Orders:
@@ -46,18 +66,21 @@ async def owned_order(order_id: uuid.UUID, principal: CurrentUser, orders: Order
 OwnedOrder = Annotated[OrderOut, Depends(owned_order)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=OrderOut, openapi_extra=BEARER_SECURITY,
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=OrderOut,
+             openapi_extra={**BEARER_SECURITY, **_KEY_DOC},
              responses=problems(400, 401, 403, 404, 409, 413, 422, 429, 503))
 async def create_order(
     body: OrderCreate,
     principal: Annotated[Principal, Depends(bearer_principal)],
     request: Request,
-    idem_key: IdemKey = None,
 ) -> Response:
     # The hot route: one flat dependency, the service taken from app state (each dependency level measured).
     orders: Orders = request.app.state.orders
     client = request.client.host if request.client else "unknown"
-    order, replayed = await orders.create(principal, body, idem_key=idem_key, client=client)
+    try:
+        order, replayed = await orders.create(principal, body, idem_key=idempotency_key(request), client=client)
+    except DomainError as refused:  # the 409s of a sold-out sale, rendered here: Starlette's handler lookup measured
+        return render(refused)
     headers = {"Location": f"/api/preorder/{order.order_id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -107,6 +107,7 @@ class Orders:
     async def _create(
         self, user_id: str, body: OrderCreate, client: str, key: str | None, fingerprint: str | None
     ) -> OrderOut:
+        self.stock.refuse_if_sold_out(body.product_id)  # most of a flash sale: answered before any other work
         if body.payment is not None:
             await self._check_payment_at_create(body.product_id, body.quantity, body.payment)
         order_id = new_id()

@@ -136,14 +136,18 @@ class Stock:
 
     async def reserve(self, ask: Ask) -> Reservation:
         """Reserve, loading the product from PostgreSQL first if Redis has no counters for it."""
-        if self.sold_out.refuses(ask.product_id):
-            raise OutOfStock("Sold out", available=0)
+        self.refuse_if_sold_out(ask.product_id)
         for _ in range(3):
             try:
                 return await self._try_reserve(ask)
             except NotLoaded:
                 await self.ensure_loaded(ask.product_id)
         raise Unavailable("Stock is being rebuilt; retry shortly")
+
+    def refuse_if_sold_out(self, product_id: str) -> None:
+        """The in-process refusal: call it before any other work a sold-out answer would waste."""
+        if self.sold_out.refuses(product_id):
+            raise OutOfStock("Sold out", available=0)
 
     async def _try_reserve(self, ask: Ask) -> Reservation:
         tag = f"po:{{{ask.product_id}}}"
