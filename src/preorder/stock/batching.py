@@ -1,55 +1,78 @@
-"""Coalesce the reserve script calls of one event-loop turn into one Redis pipeline.
+"""Coalesce the reservations of one event-loop turn: one script call per product, one Redis pipeline in all.
 
-Under a flash sale many requests reach the reserve step in the same turn of the loop; sending their EVALSHAs
-in one non-transactional pipeline costs one connection checkout and one write/read instead of one each.
-Every script still runs atomically on its own; a pipeline only shares the round trip."""
+Under a flash sale many requests reach the reserve step in the same turn of the loop. Their asks for one
+product go to reserve.lua together, as one EVALSHA that reserves them in order (the same outcome as one call
+each, since a script runs atomically); the calls for different products share one non-transactional
+pipeline. So a turn costs one connection checkout, one write and one read, and redis-py encodes and parses
+one command per product instead of one per request (measured: redis-py was ~30 us of a create)."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-Call = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+Head = tuple[tuple[str, ...], tuple[Any, ...]]  # the keys and arguments every ask of one call shares
+
+
+@dataclass
+class _Call:
+    keys: list[str] = field(default_factory=list)
+    args: list[Any] = field(default_factory=list)
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
 
 
 class ScriptBatcher:
-    def __init__(self, redis: aioredis.Redis, script: AsyncScript) -> None:
-        self._redis, self._script = redis, script
-        self._pending: list[Call] = []
+    """Runs a script whose KEYS and ARGV are a shared head followed by a fixed number of entries per ask,
+    and which answers with one reply per ask (reserve.lua)."""
+
+    def __init__(self, redis: aioredis.Redis, script: AsyncScript, *, max_asks: int = 128) -> None:
+        self._redis, self._script, self._max_asks = redis, script, max_asks
+        self._pending: dict[Head, list[_Call]] = {}
         self._sending: set[asyncio.Task[None]] = set()
 
-    def __call__(self, *, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def __call__(self, head: Head, *, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if not self._pending:
             loop.call_soon(self._flush)  # runs after the requests already ready in this turn joined
+        calls = self._pending.get(head)
+        if calls is None or len(calls[-1].futures) >= self._max_asks:
+            call = _Call([*head[0]], [*head[1]])
+            self._pending.setdefault(head, []).append(call)
+        else:
+            call = calls[-1]
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((keys, args, future))
+        call.keys += keys
+        call.args += args
+        call.futures.append(future)
         return future
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        batch = [call for calls in self._pending.values() for call in calls]
+        self._pending = {}
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)  # keep a reference until it is done
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[Call]) -> None:
+    async def _send(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute(batch)
         except Exception as exc:  # Redis unreachable: every caller gets the error (and answers 503)
             results = [exc] * len(batch)
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for call, result in zip(batch, results, strict=True):
+            for i, future in enumerate(call.futures):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result[i])
 
-    async def _execute(self, batch: list[Call]) -> list[Any]:
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
         results = await self._pipeline(batch)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:  # the script cache was flushed: load it, then run again only the calls that did not run
@@ -58,8 +81,14 @@ class ScriptBatcher:
                 results[i] = result
         return results
 
-    async def _pipeline(self, batch: list[Call]) -> list[Any]:
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        if len(batch) == 1:  # the hot product alone: no pipeline object needed
+            call = batch[0]
+            try:
+                return [await self._redis.evalsha(self._script.sha, len(call.keys), *call.keys, *call.args)]
+            except NoScriptError as exc:
+                return [exc]
         pipe = self._redis.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        for call in batch:
+            pipe.evalsha(self._script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))

@@ -151,10 +151,10 @@ class Stock:
 
     async def _try_reserve(self, ask: Ask) -> Reservation:
         tag = f"po:{{{ask.product_id}}}"
-        rate_keys = [f"{tag}:rl:u:{ask.user_id}", f"{tag}:rl:c:{ask.client}"]
         answer = await self._reserve(
-            keys=[f"{tag}:stock", f"{tag}:holds", f"{tag}:users", *rate_keys],
-            args=[str(ask.order_id), ask.quantity, ask.user_id, *self.rate.args],
+            ((f"{tag}:stock", f"{tag}:holds", f"{tag}:users"), self.rate.args),
+            keys=[f"{tag}:rl:u:{ask.user_id}", f"{tag}:rl:c:{ask.client}"],
+            args=[str(ask.order_id), ask.quantity, ask.user_id],
         )
         code = answer[0]
         if code == b"OK":
