@@ -34,6 +34,8 @@ FAST_TIMINGS = {
     "PREORDER_ORPHAN_HOLD_S": "2.5",
     "PREORDER_SWEEP_INTERVAL_S": "0.3",
     "PREORDER_RECONCILE_INTERVAL_S": "0.3",
+    # Only the pass at start is a full one: the holds a test leaves behind must be found by the regular pass.
+    "PREORDER_RECONCILE_FULL_INTERVAL_S": "3600",
 }
 
 

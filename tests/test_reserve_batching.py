@@ -18,7 +18,7 @@ LIMITS = (4, 9, 60_000)  # per customer, per address, window ms: small, so batch
 
 def _head(product: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
     tag = f"po:{{{product}}}"
-    return (f"{tag}:stock", f"{tag}:holds", f"{tag}:users"), LIMITS
+    return (f"{tag}:stock", f"{tag}:holds", f"{tag}:users", f"{tag}:fresh"), LIMITS
 
 
 async def _load(redis: aioredis.Redis, product: str, *, total: int, limit: int) -> None:
@@ -40,8 +40,9 @@ async def _state(redis: aioredis.Redis, product: str) -> dict[str, Any]:
     tag = f"po:{{{product}}}"
     holds = {k: v.rsplit(b":", 1)[0] for k, v in (await redis.hgetall(f"{tag}:holds")).items()}  # drop the time
     rates = {k.decode().rsplit(":", 2)[-1]: await redis.get(k) async for k in redis.scan_iter(f"{tag}:rl:*")}
+    fresh = [oid for oid, _ in await redis.zrange(f"{tag}:fresh", 0, -1, withscores=True)]
     return {"reserved": await redis.hget(f"{tag}:stock", "reserved"), "holds": holds,
-            "users": await redis.hgetall(f"{tag}:users"), "rates": rates}
+            "users": await redis.hgetall(f"{tag}:users"), "rates": rates, "fresh": sorted(fresh)}
 
 
 def _comparable(answer: list[Any]) -> list[Any]:

@@ -47,9 +47,11 @@ class Settings(BaseSettings):
     write_deadline_s: float = Field(default=20.0, gt=0)
     orphan_hold_s: float = Field(default=60.0, gt=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
-    # Settling holds reads every hold of every product: measured at ~7% of a create's CPU when run every 5 s
-    # under load. Orphans are rare (a killed process), so every 30 s is plenty.
+    # How often the regular reconcile pass runs (it costs in proportion to the orders since the last pass).
     reconcile_interval_s: float = Field(default=30.0, gt=0)
+    # The regular pass reads only what changed since the last; the full pass (every hold of every product, so
+    # its cost grows with the live orders) runs at start and then this often, as a safety net.
+    reconcile_full_interval_s: float = Field(default=900.0, gt=0)
     workers_enabled: bool = True
 
     @model_validator(mode="after")

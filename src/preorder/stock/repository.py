@@ -52,6 +52,34 @@ async def order_statuses(conn: PgConn | PgPool, ids: list[uuid.UUID]) -> dict[uu
     return {r["id"]: r["status"] for r in rows}
 
 
+async def epochs(pool: PgPool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT id, stock_epoch FROM products ORDER BY id")
+
+
+async def database_now(pool: PgPool) -> datetime:
+    now: datetime = await pool.fetchval("SELECT now()")
+    return now
+
+
+async def settled_since(
+    pool: PgPool, since: datetime, *, after: tuple[datetime, uuid.UUID] | None, limit: int = 1000
+) -> list[asyncpg.Record]:
+    """Orders cancelled, shipped or completed since then, in (updated_at, id) order, a page after `after`."""
+    if after is None:
+        return await pool.fetch(
+            f"""SELECT id, product_id, status, updated_at FROM orders
+                WHERE status IN {_SETTLED} AND updated_at >= $1 ORDER BY updated_at, id LIMIT $2""",
+            since, limit)
+    return await pool.fetch(
+        f"""SELECT id, product_id, status, updated_at FROM orders
+            WHERE status IN {_SETTLED} AND updated_at >= $1 AND (updated_at, id) > ($2, $3)
+            ORDER BY updated_at, id LIMIT $4""",
+        since, after[0], after[1], limit)
+
+
+_SETTLED = "('cancelled', 'shipped', 'completed')"  # the orders_settled_idx predicate (migration 0002)
+
+
 async def live_totals(pool: PgPool) -> list[asyncpg.Record]:
     """Per product: total_stock, stock_epoch and the reserved quantity PostgreSQL knows of (for reconcile)."""
     return await pool.fetch(

@@ -33,6 +33,15 @@ def keys(product_id: str) -> list[str]:
     return [f"{tag}:stock", f"{tag}:holds", f"{tag}:users"]
 
 
+def fresh_key(product_id: str) -> str:
+    """Holds by reservation time that the reconciler has yet to match with an order row (reserve.lua adds)."""
+    return f"po:{{{product_id}}}:fresh"
+
+
+def script_keys(product_id: str) -> list[str]:
+    return [*keys(product_id), fresh_key(product_id)]
+
+
 def _ms(at: datetime | None) -> int:
     return int(at.timestamp() * 1000) if at else 0
 
@@ -152,7 +161,7 @@ class Stock:
     async def _try_reserve(self, ask: Ask) -> Reservation:
         tag = f"po:{{{ask.product_id}}}"
         answer = await self._reserve(
-            ((f"{tag}:stock", f"{tag}:holds", f"{tag}:users"), self.rate.args),
+            ((f"{tag}:stock", f"{tag}:holds", f"{tag}:users", f"{tag}:fresh"), self.rate.args),
             keys=[f"{tag}:rl:u:{ask.user_id}", f"{tag}:rl:c:{ask.client}"],
             args=[str(ask.order_id), ask.quantity, ask.user_id],
         )
@@ -180,14 +189,14 @@ class Stock:
 
     async def release(self, product_id: str, order_id: uuid.UUID) -> int:
         """Give back what the order's hold still holds; a second call gives back nothing."""
-        given = int(await self._settle(keys=keys(product_id), args=[str(order_id), "release"]))
+        given = int(await self._settle(keys=script_keys(product_id), args=[str(order_id), "release"]))
         if given:
             self.sold_out.clear(product_id)
         return given
 
     async def drop(self, product_id: str, order_id: uuid.UUID) -> int:
         """The order shipped: forget its hold, keep its stock sold."""
-        return int(await self._settle(keys=keys(product_id), args=[str(order_id), "drop"]))
+        return int(await self._settle(keys=script_keys(product_id), args=[str(order_id), "drop"]))
 
     async def levels(self, product_id: str) -> Levels:
         for _ in range(3):
@@ -207,6 +216,30 @@ class Stock:
             yield [parse_hold(oid, value) for oid, value in page.items()]
             if cursor == 0:
                 return
+
+    async def fresh_pages(self, product_id: str, *, reserved_before_ms: int, size: int = 1000
+                          ) -> AsyncIterator[list[tuple[uuid.UUID, int]]]:
+        """Fresh holds reserved before the given time (order id, reserved at ms), oldest first, a page at a time.
+        The caller forgets each page once it has settled it (forget_fresh): the next page starts after it."""
+        while True:
+            page: list[Any] = await self.redis.zrangebyscore(
+                fresh_key(product_id), "-inf", reserved_before_ms, start=0, num=size, withscores=True)
+            if not page:
+                return
+            yield [(uuid.UUID(oid.decode()), int(at)) for oid, at in page]  # withscores: (member, score) pairs
+            if len(page) < size:
+                return
+
+    async def forget_fresh(self, product_id: str, order_ids: list[uuid.UUID]) -> None:
+        if order_ids:
+            await self.redis.zrem(fresh_key(product_id), *(str(o) for o in order_ids))
+
+    async def holding(self, product_id: str, order_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+        """Which of these orders still hold stock in Redis."""
+        if not order_ids:
+            return []
+        found = await self.redis.hmget(keys(product_id)[1], [str(o) for o in order_ids])
+        return [o for o, hold in zip(order_ids, found, strict=True) if hold is not None]
 
     async def holds(self, product_id: str) -> list[Hold]:
         found = []
@@ -260,7 +293,7 @@ class Stock:
     async def _load_is_newest(self, product_id: str, snap: repo.Snapshot) -> bool:
         # Called once the snapshot is committed: an order write that reserved against the old Redis now fails
         # its epoch fence. load.lua ignores a snapshot older than the one Redis holds (answers 0).
-        loaded = await self._load(keys=keys(product_id), args=self._load_args(snap))
+        loaded = await self._load(keys=script_keys(product_id), args=self._load_args(snap))
         return not loaded or await repo.stock_epoch(self.pool, product_id) == snap.epoch
 
     @staticmethod

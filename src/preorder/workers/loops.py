@@ -8,28 +8,31 @@ import time
 
 from preorder.orders import repository as order_repo
 from preorder.orders.service import Orders
-from preorder.workers.reconciler import settle_all
+from preorder.workers.reconciler import Reconciler
 
 log = logging.getLogger("preorder.workers")
 
 
-async def run_once(orders: Orders, *, reconcile: bool = True) -> None:
+async def run_once(orders: Orders, reconciler: Reconciler | None) -> None:
     expired = await orders.expire_due()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
-    if reconcile:
-        settled = await settle_all(orders.stock, orphan_hold_s=orders.settings.orphan_hold_s)
+    if reconciler is not None:
+        settled = await reconciler.run()
         if settled.released or settled.dropped or settled.orphans or settled.rebuilt:
             log.warning("settled holds: %s", settled)
         await order_repo.purge_idempotency(orders.pool, limit=1000)
 
 
 async def run_forever(orders: Orders) -> None:
+    settings = orders.settings
+    reconciler = Reconciler(orders.stock, orphan_hold_s=settings.orphan_hold_s,
+                            full_interval_s=settings.reconcile_full_interval_s)
     next_reconcile = 0.0
     while True:
         try:
             due = time.monotonic() >= next_reconcile
-            await run_once(orders, reconcile=due)
+            await run_once(orders, reconciler if due else None)
             if due:
                 next_reconcile = time.monotonic() + orders.settings.reconcile_interval_s
         except asyncio.CancelledError:

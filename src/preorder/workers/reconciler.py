@@ -3,16 +3,26 @@
 A hold is settled when its order is cancelled (stock back), shipped or completed (hold dropped), or when
 no order row exists and the hold is older than orphan_hold_s (the process died between reserve and write;
 the write deadline guarantees that order can no longer be written). A product whose Redis epoch is older than
-PostgreSQL's is rebuilt: a loader committed its epoch but its load never landed."""
+PostgreSQL's is rebuilt: a loader committed its epoch but its load never landed.
+
+Two passes find those holds. The full pass (settle_all) reads every hold of every product: its cost grows with
+the live orders, so the background loop runs it at start and then rarely. The regular pass (settle_recent)
+reads only what can have changed since the last one: the fresh holds old enough to be judged (reserve.lua
+keeps them in a sorted set by time; each is matched with its order row once, then forgotten) and the orders
+cancelled, shipped or completed since then. Its cost follows the order rate, not the live orders."""
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from preorder.stock import repository as stock_repo
-from preorder.stock.service import Hold, Stock, keys
+from preorder.stock.service import Stock, keys
 
 log = logging.getLogger("preorder.reconciler")
 
@@ -25,30 +35,70 @@ class Settled:
     young_unwritten: int = 0
     rebuilt: int = 0
 
+    def add(self, other: Settled) -> None:
+        for name in ("released", "dropped", "orphans", "young_unwritten", "rebuilt"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+Reserved = tuple[uuid.UUID, int]  # a hold's order id and its reservation time (Redis clock, ms)
+
 
 async def settle_holds(stock: Stock, product_id: str, *, orphan_hold_s: float) -> Settled:
+    """Every hold of the product (the full pass)."""
     done = Settled()
     async for holds in stock.hold_pages(product_id):
         if holds:
-            await _settle_page(stock, product_id, holds, orphan_hold_s=orphan_hold_s, done=done)
+            reserved = [(h.order_id, h.reserved_at_ms) for h in holds]
+            await _settle_page(stock, product_id, reserved, orphan_hold_s=orphan_hold_s, done=done)
     return done
 
 
+async def settle_fresh(stock: Stock, product_id: str, *, orphan_hold_s: float) -> Settled:
+    """The fresh holds old enough to be judged: each has its order row by now, or never will (an orphan)."""
+    done = Settled()
+    judged_before_ms = await _redis_now_ms(stock) - int(orphan_hold_s * 1000)
+    async for page in stock.fresh_pages(product_id, reserved_before_ms=judged_before_ms):
+        await _settle_page(stock, product_id, page, orphan_hold_s=orphan_hold_s, done=done)
+        await stock.forget_fresh(product_id, [order_id for order_id, _ in page])  # settled: matched or freed
+    return done
+
+
+async def settle_changed(stock: Stock, *, since: datetime) -> Settled:
+    """Holds of the orders cancelled, shipped or completed since then whose settling did not happen (the
+    process died between the status change and the Redis call)."""
+    done = Settled()
+    after: tuple[datetime, uuid.UUID] | None = None
+    while True:
+        rows = await stock_repo.settled_since(stock.pool, since, after=after)
+        if not rows:
+            return done
+        by_product: dict[str, dict[uuid.UUID, str]] = defaultdict(dict)
+        for r in rows:
+            by_product[r["product_id"]][r["id"]] = r["status"]
+        for product_id, statuses in by_product.items():
+            for order_id in await stock.holding(product_id, list(statuses)):
+                if statuses[order_id] == "cancelled":
+                    done.released += await _count(stock.release(product_id, order_id))
+                else:
+                    done.dropped += await _count(stock.drop(product_id, order_id))
+        after = (rows[-1]["updated_at"], rows[-1]["id"])
+
+
 async def _settle_page(
-    stock: Stock, product_id: str, holds: list[Hold], *, orphan_hold_s: float, done: Settled
+    stock: Stock, product_id: str, holds: list[Reserved], *, orphan_hold_s: float, done: Settled
 ) -> None:
     now_ms = await _redis_now_ms(stock)
-    statuses = await stock_repo.order_statuses(stock.pool, [h.order_id for h in holds])
-    for h in holds:
-        status = statuses.get(h.order_id)
-        if status is None and now_ms - h.reserved_at_ms <= orphan_hold_s * 1000:
+    statuses = await stock_repo.order_statuses(stock.pool, [order_id for order_id, _ in holds])
+    for order_id, reserved_at_ms in holds:
+        status = statuses.get(order_id)
+        if status is None and now_ms - reserved_at_ms <= orphan_hold_s * 1000:
             done.young_unwritten += 1  # its write may still be running
         elif status is None:
-            done.orphans += await _count(stock.release(product_id, h.order_id))
+            done.orphans += await _count(stock.release(product_id, order_id))
         elif status == "cancelled":
-            done.released += await _count(stock.release(product_id, h.order_id))
+            done.released += await _count(stock.release(product_id, order_id))
         elif status in ("shipped", "completed"):
-            done.dropped += await _count(stock.drop(product_id, h.order_id))
+            done.dropped += await _count(stock.drop(product_id, order_id))
 
 
 async def _count(settling: Any) -> int:
@@ -62,8 +112,28 @@ async def _redis_now_ms(stock: Stock) -> int:
 
 
 async def settle_all(stock: Stock, *, orphan_hold_s: float) -> Settled:
+    """The full pass: every hold of every loaded product."""
     total = Settled()
-    for r in await stock_repo.live_totals(stock.pool):
+    for pid in await _current_products(stock, total):
+        total.add(await settle_holds(stock, pid, orphan_hold_s=orphan_hold_s))
+        total.add(await settle_fresh(stock, pid, orphan_hold_s=orphan_hold_s))
+    return total
+
+
+async def settle_recent(stock: Stock, *, since: datetime, orphan_hold_s: float) -> Settled:
+    """The regular pass: fresh holds old enough to be judged, and orders settled since `since`."""
+    total = Settled()
+    for pid in await _current_products(stock, total):
+        total.add(await settle_fresh(stock, pid, orphan_hold_s=orphan_hold_s))
+    total.add(await settle_changed(stock, since=since))
+    return total
+
+
+async def _current_products(stock: Stock, done: Settled) -> list[str]:
+    """The products loaded in Redis at PostgreSQL's epoch; a product whose load never landed is rebuilt."""
+    current = []
+    products = await stock_repo.epochs(stock.pool)
+    for r in products:
         pid = r["id"]
         epoch = await stock.redis.hget(keys(pid)[0], "epoch")
         if epoch is None:
@@ -72,14 +142,32 @@ async def settle_all(stock: Stock, *, orphan_hold_s: float) -> Settled:
             # The loader was killed (or lost Redis) between its commit and its load: until Redis is rebuilt,
             # the fence refuses every write. (A loader just between the two finds its load superseded: harmless.)
             await stock.rebuild(pid)
-            total.rebuilt += 1
+            done.rebuilt += 1
             continue
-        s = await settle_holds(stock, pid, orphan_hold_s=orphan_hold_s)
-        total.released += s.released
-        total.dropped += s.dropped
-        total.orphans += s.orphans
-        total.young_unwritten += s.young_unwritten
-    return total
+        current.append(pid)
+    return current
+
+
+class Reconciler:
+    """What the background loop runs: the full pass first and every full_interval_s, the regular pass between.
+    The regular pass looks back to the start of the previous pass, less a margin longer than any statement can
+    run (orphan_hold_s), so a status change committed late still falls inside it."""
+
+    def __init__(self, stock: Stock, *, orphan_hold_s: float, full_interval_s: float) -> None:
+        self.stock, self.orphan_hold_s, self.full_interval_s = stock, orphan_hold_s, full_interval_s
+        self._since: datetime | None = None
+        self._next_full = 0.0
+
+    async def run(self) -> Settled:
+        started = await stock_repo.database_now(self.stock.pool)
+        if self._since is None or time.monotonic() >= self._next_full:
+            done = await settle_all(self.stock, orphan_hold_s=self.orphan_hold_s)
+            self._next_full = time.monotonic() + self.full_interval_s
+        else:
+            since = self._since - timedelta(seconds=self.orphan_hold_s)
+            done = await settle_recent(self.stock, since=since, orphan_hold_s=self.orphan_hold_s)
+        self._since = started
+        return done
 
 
 @dataclass

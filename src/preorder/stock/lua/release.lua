@@ -1,5 +1,6 @@
 -- Settle an order's hold: give its stock back ('release') or keep it sold ('drop', on shipping).
--- KEYS: 1 stock hash, 2 holds hash, 3 per-user counts hash.  ARGV: 1 order_id, 2 'release' | 'drop'.
+-- KEYS: 1 stock hash, 2 holds hash, 3 per-user counts hash, 4 fresh holds.
+-- ARGV: 1 order_id, 2 'release' | 'drop'.
 -- Only what the hold still holds is given back, and the hold is deleted: a second call gives back nothing.
 -- No counters (lost with Redis data): nothing to give back to, and HINCRBY would create a counter-only
 -- stock hash that looks loaded. The rebuild replaces the holds anyway.
@@ -13,6 +14,7 @@ end
 local qty_s, user = string.match(hold, '^(%d+):(.*):%d+$')
 local qty = tonumber(qty_s)
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 if ARGV[2] == 'release' then
   redis.call('HINCRBY', KEYS[1], 'reserved', -qty)
   if redis.call('HINCRBY', KEYS[3], user, -qty) <= 0 then

@@ -1,7 +1,8 @@
 -- Reserve stock for one or more orders of one product, atomically and in order, rate limits included:
 -- the same outcome as running the orders one after another, in one script call.
--- KEYS: 1 stock hash, 2 holds hash (order_id -> "qty:user:reserved_at_ms"), 3 per-user counts hash, then per
---       order two rate counters, this customer's and this client address's (all share the product's tag).
+-- KEYS: 1 stock hash, 2 holds hash (order_id -> "qty:user:reserved_at_ms"), 3 per-user counts hash, 4 fresh
+--       holds (sorted set order_id by reserved_at_ms: holds the reconciler has yet to find an order row for),
+--       then per order two rate counters, this customer's and this client address's (all share the tag).
 -- ARGV: 1 customer limit, 2 address limit, 3 rate window (ms), then per order: order_id, quantity, user_id.
 -- Returns one answer per order. Redis does not roll a script back, so each order's checks come before its writes.
 local f = redis.call('HMGET', KEYS[1], 'total', 'reserved', 'epoch', 'starts', 'ends', 'limit')
@@ -51,6 +52,7 @@ local function reserve(rate_keys, order_id, qty, user)
   redis.call('HINCRBY', KEYS[1], 'reserved', qty)
   redis.call('HSET', KEYS[2], order_id, qty .. ':' .. user .. ':' .. now_ms)
   redis.call('HINCRBY', KEYS[3], user, qty)
+  redis.call('ZADD', KEYS[4], now_ms, order_id)
   for i = 1, 2 do
     -- Fixed windows that start at the first order in them.
     if redis.call('INCR', rate_keys[i]) == 1 then
@@ -62,7 +64,7 @@ end
 
 for i = 1, n do
   local a = 3 + (i - 1) * 3
-  local k = 3 + (i - 1) * 2
+  local k = 4 + (i - 1) * 2
   answers[i] = reserve({KEYS[k + 1], KEYS[k + 2]}, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3])
 end
 return answers

@@ -1,0 +1,103 @@
+"""The background reconciler's two passes. The full pass reads every hold; the regular pass reads only what can
+have changed since the last one: fresh holds old enough to judge, and orders settled since. Each leak the
+reconciler exists for must be found by the regular pass alone, and the regular pass must not read every hold."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from preorder.ids import new_id
+from preorder.orders import repository as order_repo
+from preorder.stock.service import Ask, fresh_key, keys
+from preorder.workers.reconciler import Reconciler
+from tests.conftest import bearer, make_product
+from tests.invariants import assert_invariants
+
+ME = bearer("U-pass")
+ORPHAN_HOLD_S = 0.3  # holds without an order row are judged orphans after this long (the test waits it out)
+
+
+async def _orders(client, n: int) -> list[uuid.UUID]:
+    made = []
+    for _ in range(n):
+        r = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1}, headers=ME)
+        assert r.status_code == 201, r.text
+        made.append(uuid.UUID(r.json()["order_id"]))
+    return made
+
+
+async def _change_without_settling(app, order_id: uuid.UUID, to: str, frm: str = "pending") -> None:
+    """What a process killed right after a status change leaves: the row changed, the hold untouched."""
+    change = order_repo.Change(order_id=order_id, frm=frm, to=to, actor="admin-1", reason="test")
+    assert await order_repo.transition(app.state.pool, change) is not None
+
+
+async def _regular_pass_ready(app) -> Reconciler:
+    reconciler = Reconciler(app.state.stock, orphan_hold_s=ORPHAN_HOLD_S, full_interval_s=3600)
+    await reconciler.run()  # the full pass at start; everything after is the regular pass
+    return reconciler
+
+
+async def test_regular_pass_releases_an_orphan_hold_once_old_enough_and_keeps_the_rest(app, client, db, redis):
+    await make_product(client, total_stock=10)
+    reconciler = await _regular_pass_ready(app)
+    written = await _orders(client, 3)
+    orphan = new_id()  # reserved, then the process died before writing the order
+    await app.state.stock.reserve(Ask("P1001", orphan, 2, "U-ghost", "127.0.0.1"))
+
+    young = await reconciler.run()
+    assert young.orphans == 0 and await redis.hexists(keys("P1001")[1], str(orphan)), "too young to judge"
+
+    await asyncio.sleep(ORPHAN_HOLD_S + 0.2)
+    done = await reconciler.run()
+    assert done.orphans == 1 and done.released == 0
+    assert not await redis.hexists(keys("P1001")[1], str(orphan))
+    assert all([await redis.hexists(keys("P1001")[1], str(o)) for o in written]), "written orders keep their holds"
+    assert await redis.zcard(fresh_key("P1001")) == 0, "every judged hold is forgotten"
+    await assert_invariants(db, redis)
+
+
+async def test_regular_pass_settles_a_cancel_or_ship_whose_redis_step_never_ran(app, client, db, redis):
+    await make_product(client, total_stock=10)
+    reconciler = await _regular_pass_ready(app)
+    cancelled, shipped, kept = await _orders(client, 3)
+    await _change_without_settling(app, cancelled, "cancelled")
+    await _change_without_settling(app, shipped, "paid")
+    await _change_without_settling(app, shipped, "shipped", frm="paid")
+
+    done = await reconciler.run()
+    assert (done.released, done.dropped) == (1, 1)
+    assert int(await redis.hget(keys("P1001")[0], "reserved")) == 2, "the cancelled unit came back, the shipped not"
+    assert await redis.hexists(keys("P1001")[1], str(kept))
+    again = await reconciler.run()
+    assert (again.released, again.dropped) == (0, 0), "settling is exactly once"
+    await assert_invariants(db, redis)
+
+
+async def test_regular_pass_does_not_read_every_hold(app, client, db, redis):
+    await make_product(client, total_stock=1000)
+    await _orders(client, 200)
+    reconciler = await _regular_pass_ready(app)
+    await asyncio.sleep(ORPHAN_HOLD_S + 0.2)
+    await reconciler.run()  # judges the 200 fresh holds once (they all have their rows) and forgets them
+    assert await redis.zcard(fresh_key("P1001")) == 0
+    await redis.config_resetstat()
+
+    done = await reconciler.run()
+    stats = await redis.info("commandstats")
+    assert "cmdstat_hscan" not in stats and "cmdstat_hgetall" not in stats, stats.keys()
+    assert done.young_unwritten == done.orphans == done.released == 0
+    full = await Reconciler(app.state.stock, orphan_hold_s=ORPHAN_HOLD_S, full_interval_s=3600).run()
+    assert "cmdstat_hscan" in await redis.info("commandstats"), "while the full pass does"
+    assert full.orphans == 0
+
+
+async def test_a_rebuild_forgets_fresh_holds_since_each_loaded_hold_has_its_row(app, client, db, redis):
+    await make_product(client, total_stock=10)
+    await _orders(client, 2)
+    assert await redis.zcard(fresh_key("P1001")) == 2
+    await app.state.stock.rebuild("P1001")
+    assert await redis.zcard(fresh_key("P1001")) == 0
+    assert await redis.hlen(keys("P1001")[1]) == 2
+    await assert_invariants(db, redis)
