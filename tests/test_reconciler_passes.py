@@ -9,6 +9,7 @@ import uuid
 
 from preorder.ids import new_id
 from preorder.orders import repository as order_repo
+from preorder.stock import repository as stock_repo
 from preorder.stock.service import Ask, fresh_key, keys
 from preorder.workers.reconciler import Reconciler
 from tests.conftest import bearer, make_product
@@ -101,3 +102,16 @@ async def test_a_rebuild_forgets_fresh_holds_since_each_loaded_hold_has_its_row(
     assert await redis.zcard(fresh_key("P1001")) == 0
     assert await redis.hlen(keys("P1001")[1]) == 2
     await assert_invariants(db, redis)
+
+
+async def test_orders_settled_since_are_read_page_by_page_without_gaps_or_repeats(app, client, db, redis):
+    await make_product(client, total_stock=10)
+    since = await stock_repo.database_now(app.state.pool)
+    cancelled = await _orders(client, 5)
+    for order_id in cancelled:
+        await _change_without_settling(app, order_id, "cancelled")
+    seen, after = [], None
+    while rows := await stock_repo.settled_since(app.state.pool, since, after=after, limit=2):
+        seen += [r["id"] for r in rows]
+        after = (rows[-1]["updated_at"], rows[-1]["id"])
+    assert sorted(seen) == sorted(cancelled) and len(seen) == 5

@@ -61,23 +61,19 @@ async def database_now(pool: PgPool) -> datetime:
     return now
 
 
+_SETTLED = "('cancelled', 'shipped', 'completed')"  # the orders_settled_idx predicate (migration 0002)
+_FIRST = uuid.UUID(int=0)
+
+
 async def settled_since(
     pool: PgPool, since: datetime, *, after: tuple[datetime, uuid.UUID] | None, limit: int = 1000
 ) -> list[asyncpg.Record]:
-    """Orders cancelled, shipped or completed since then, in (updated_at, id) order, a page after `after`."""
-    if after is None:
-        return await pool.fetch(
-            f"""SELECT id, product_id, status, updated_at FROM orders
-                WHERE status IN {_SETTLED} AND updated_at >= $1 ORDER BY updated_at, id LIMIT $2""",
-            since, limit)
+    """Orders cancelled, shipped or completed since then, in (updated_at, id) order, the page after `after`."""
+    at, order_id = after or (since, _FIRST)
     return await pool.fetch(
         f"""SELECT id, product_id, status, updated_at FROM orders
-            WHERE status IN {_SETTLED} AND updated_at >= $1 AND (updated_at, id) > ($2, $3)
-            ORDER BY updated_at, id LIMIT $4""",
-        since, after[0], after[1], limit)
-
-
-_SETTLED = "('cancelled', 'shipped', 'completed')"  # the orders_settled_idx predicate (migration 0002)
+            WHERE status IN {_SETTLED} AND (updated_at, id) > ($1, $2) ORDER BY updated_at, id LIMIT $3""",
+        at, order_id, limit)
 
 
 async def live_totals(pool: PgPool) -> list[asyncpg.Record]:

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,8 +36,8 @@ class Settled:
     rebuilt: int = 0
 
     def add(self, other: Settled) -> None:
-        for name in ("released", "dropped", "orphans", "young_unwritten", "rebuilt"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 Reserved = tuple[uuid.UUID, int]  # a hold's order id and its reservation time (Redis clock, ms)
