@@ -207,6 +207,23 @@ async def settled(db: asyncpg.Connection, redis: aioredis.Redis, traffic: Traffi
     await eventually(lambda: assert_invariants(db, redis, created=traffic.created), within=SETTLE_S, interval=0.2)
 
 
+@contextlib.asynccontextmanager
+async def ordering_hot(server: Server, *, total_stock: int, workers: int
+                       ) -> AsyncIterator[tuple[httpx.AsyncClient, Traffic]]:
+    """The server started, a product HOT, and `workers` customers ordering it without pause until the block
+    ends (the load is stopped and awaited on the way out)."""
+    await server.start()
+    traffic, stop = Traffic(), asyncio.Event()
+    async with server.client() as c:
+        await new_product(c, "HOT", total_stock=total_stock)
+        load = asyncio.create_task(steady(c, traffic, stop, product_id="HOT", workers=workers))
+        try:
+            yield c, traffic
+        finally:
+            stop.set()
+            await load
+
+
 @pytest.mark.faults
 async def test_flushall_in_the_middle_of_500_creates(db, own_redis, own_redis_client, servers_for):
     server = servers_for(own_redis.url)
@@ -246,22 +263,13 @@ async def test_script_flush_in_the_middle_of_500_creates(db, own_redis, own_redi
 
 @pytest.mark.faults
 async def test_redis_restarted_empty_in_the_middle_of_load(db, own_redis, own_redis_client, servers_for):
-    server = servers_for(own_redis.url)
-    await server.start()
-    traffic, stop = Traffic(), asyncio.Event()
-    async with server.client() as c:
-        await new_product(c, "HOT", total_stock=400)
-        load = asyncio.create_task(steady(c, traffic, stop, product_id="HOT", workers=20))
-        try:
-            await traffic.reached(150)
-            own_redis.kill()
-            await _answers_after(traffic, 40)  # the outage is seen by clients
-            own_redis.start()  # same port, no data
-            restarted = len(traffic.answers)
-            await asyncio.wait_for(_sold_out(traffic, after=restarted), timeout=60)
-        finally:
-            stop.set()
-            await load
+    async with ordering_hot(servers_for(own_redis.url), total_stock=400, workers=20) as (_, traffic):
+        await traffic.reached(150)
+        own_redis.kill()
+        await _answers_after(traffic, 40)  # the outage is seen by clients
+        own_redis.start()  # same port, no data
+        restarted = len(traffic.answers)
+        await asyncio.wait_for(_sold_out(traffic, after=restarted), timeout=60)
     traffic.assert_only({201, 409, 503})
     traffic.assert_503s_are_problems()
     assert traffic.statuses()[503] > 0, "the restart was noticed"
@@ -272,11 +280,7 @@ async def test_redis_restarted_empty_in_the_middle_of_load(db, own_redis, own_re
 @pytest.mark.faults
 async def test_kill_9_mid_load_then_restart_releases_orphan_holds(db, own_redis, own_redis_client, servers_for):
     server = servers_for(own_redis.url)
-    await server.start()
-    traffic, stop = Traffic(), asyncio.Event()
-    async with server.client() as c:
-        await new_product(c, "HOT", total_stock=1000)
-        load = asyncio.create_task(steady(c, traffic, stop, product_id="HOT", workers=20))
+    async with ordering_hot(server, total_stock=1000, workers=20) as (_, traffic):
         await traffic.reached(100)
         # Hold the product row so in-flight creates have reserved in Redis but not written yet: the kill
         # then surely leaves holds without orders behind (the window the reconciler exists for).
@@ -287,8 +291,6 @@ async def test_kill_9_mid_load_then_restart_releases_orphan_holds(db, own_redis,
             at_kill = await _unwritten_holds(db, own_redis_client)
             # The dead app's statements time out server-side; only then may the row go, so none of them lands.
             await eventually(lambda: _no_lock_waiters(db), within=10)
-        stop.set()
-        await load
     orphans = at_kill - set(traffic.created)
     orphans -= {str(r["id"]) for r in await db.fetch("SELECT id FROM orders WHERE id = ANY($1::uuid[])", orphans)}
     assert len(orphans) >= 5, "the kill left orphan holds"
@@ -330,26 +332,18 @@ async def test_postgresql_unreachable_under_load_answers_503_then_recovers(
     proxy = PgProxy(settings.database_url)
     await proxy.start()
     server = servers_for(own_redis.url, proxy.url)
-    traffic, stop = Traffic(), asyncio.Event()
     try:
-        await server.start()
-        async with server.client() as c:
-            await new_product(c, "HOT", total_stock=100_000)
-            load = asyncio.create_task(steady(c, traffic, stop, product_id="HOT", workers=60))
-            try:
-                await traffic.reached(100)
-                proxy.cut(mode)
-                cut_at, cut_index = time.monotonic(), len(traffic.answers)
-                await eventually(lambda: _ready(c, postgresql_ok=False), within=10)
-                await _answers_after(traffic, 40)
-                await asyncio.sleep(max(0.0, 3 - (time.monotonic() - cut_at)))  # the outage lasts 3 seconds
-                proxy.restore()
-                back_index = len(traffic.answers)
-                await eventually(lambda: _ready(c, postgresql_ok=True), within=10)
-                await eventually(lambda: _created_after(traffic, back_index, 50), within=20)
-            finally:
-                stop.set()
-                await load
+        async with ordering_hot(server, total_stock=100_000, workers=60) as (c, traffic):
+            await traffic.reached(100)
+            proxy.cut(mode)
+            cut_at, cut_index = time.monotonic(), len(traffic.answers)
+            await eventually(lambda: _ready(c, postgresql_ok=False), within=10)
+            await _answers_after(traffic, 40)
+            await asyncio.sleep(max(0.0, 3 - (time.monotonic() - cut_at)))  # the outage lasts 3 seconds
+            proxy.restore()
+            back_index = len(traffic.answers)
+            await eventually(lambda: _ready(c, postgresql_ok=True), within=10)
+            await eventually(lambda: _created_after(traffic, back_index, 50), within=20)
         traffic.assert_only({201, 503})
         traffic.assert_503s_are_problems()
         during = traffic.answers[cut_index:back_index]
