@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -224,18 +224,27 @@ async def ordering_hot(server: Server, *, total_stock: int, workers: int
             await load
 
 
-@pytest.mark.faults
-async def test_flushall_in_the_middle_of_500_creates(db, own_redis, own_redis_client, servers_for):
-    server = servers_for(own_redis.url)
+@contextlib.asynccontextmanager
+async def burst_with_faults(server: Server, fault: Callable[[], Awaitable[object]], *, at: tuple[int, ...]
+                            ) -> AsyncIterator[tuple[httpx.AsyncClient, Traffic]]:
+    """500 creates at once on a product HOT of 300 units, `fault()` injected as the answers reach each count
+    in `at`; the block runs once every answer is in."""
     await server.start()
     traffic = Traffic()
     async with server.client() as c:
         await new_product(c, "HOT", total_stock=300)
         load = asyncio.create_task(burst(c, traffic, product_id="HOT", count=500))
-        for at in (100, 200, 300):
-            await traffic.reached(at)
-            await own_redis_client.flushall()
+        for count in at:
+            await traffic.reached(count)
+            await fault()
         await load
+        yield c, traffic
+
+
+@pytest.mark.faults
+async def test_flushall_in_the_middle_of_500_creates(db, own_redis, own_redis_client, servers_for):
+    flushall = own_redis_client.flushall
+    async with burst_with_faults(servers_for(own_redis.url), flushall, at=(100, 200, 300)) as (c, traffic):
         traffic.assert_only({201, 409, 503})
         traffic.assert_503s_are_problems()
         assert sum(traffic.created.values()) <= 300
@@ -246,19 +255,11 @@ async def test_flushall_in_the_middle_of_500_creates(db, own_redis, own_redis_cl
 
 @pytest.mark.faults
 async def test_script_flush_in_the_middle_of_500_creates(db, own_redis, own_redis_client, servers_for):
-    server = servers_for(own_redis.url)
-    await server.start()
-    traffic = Traffic()
-    async with server.client() as c:
-        await new_product(c, "HOT", total_stock=300)
-        load = asyncio.create_task(burst(c, traffic, product_id="HOT", count=500))
-        for at in (100, 250):
-            await traffic.reached(at)
-            await own_redis_client.script_flush()
-        await load
-    traffic.assert_only({201, 409})  # NOSCRIPT is answered by loading the script again: nobody notices
-    assert traffic.statuses()[201] == 300, "sold out exactly"
-    await settled(db, own_redis_client, traffic)
+    script_flush = own_redis_client.script_flush
+    async with burst_with_faults(servers_for(own_redis.url), script_flush, at=(100, 250)) as (_, traffic):
+        traffic.assert_only({201, 409})  # NOSCRIPT is answered by loading the script again: nobody notices
+        assert traffic.statuses()[201] == 300, "sold out exactly"
+        await settled(db, own_redis_client, traffic)
 
 
 @pytest.mark.faults
