@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from tests.conftest import bearer, make_product
+from tests.conftest import bearer, make_product, make_settings, serving
 from tests.invariants import assert_invariants
 
 TOKENS = [bearer(f"U{i:04d}") for i in range(500)]
@@ -86,3 +86,24 @@ async def test_concurrent_cancels_release_stock_once(client, db, redis):
     events = await db.fetchval("SELECT count(*) FROM order_events WHERE to_status = 'cancelled'")
     assert events == 1
     await assert_invariants(db, redis)
+
+
+async def test_sold_out_is_answered_from_memory_until_this_process_gives_stock_back(settings, db, redis):
+    marked = make_settings(settings.database_url, settings.redis_url, sold_out_ttl_ms=5_000)  # outlasts the test
+    order = {"product_id": "P1001", "quantity": 1}
+    async with serving(marked) as client:
+        await make_product(client, total_stock=1)
+        first = await client.post("/api/preorder", json=order, headers=TOKENS[0])
+        assert first.status_code == 201
+        assert (await client.post("/api/preorder", json=order, headers=TOKENS[1])).status_code == 409  # from Redis
+        await redis.config_resetstat()
+        refused = [await client.post("/api/preorder", json=order, headers=TOKENS[i]) for i in range(2, 22)]
+        assert {r.status_code for r in refused} == {409}
+        assert {r.json()["type"] for r in refused} == {"/problems/out-of-stock"}
+        assert "cmdstat_evalsha" not in await redis.info("commandstats"), "a refusal costs no reserve call"
+        assert await db.fetchval("SELECT count(*) FROM orders") == 1
+        cancel = await client.delete(f"/api/preorder/{first.json()['order_id']}", headers=TOKENS[0])
+        assert cancel.status_code == 200
+        again = await client.post("/api/preorder", json=order, headers=TOKENS[30])
+        assert again.status_code == 201, "the release cleared the mark at once"
+    await assert_invariants(db, redis, created=[again.json()["order_id"]])

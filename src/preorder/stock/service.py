@@ -144,8 +144,8 @@ class Stock:
         self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def reserve(self, ask: Ask) -> Reservation:
-        """Reserve, loading the product from PostgreSQL first if Redis has no counters for it."""
-        self.refuse_if_sold_out(ask.product_id)
+        """Reserve, loading the product from PostgreSQL first if Redis has no counters for it. The in-process
+        sold-out mark is the caller's to check first (refuse_if_sold_out), before it spends work on the ask."""
         for _ in range(3):
             try:
                 return await self._try_reserve(ask)
