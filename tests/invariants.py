@@ -26,12 +26,13 @@ async def assert_invariants(
     With settled=True (traffic stopped, holds settled) also I2: Redis available == total - reserved computed
     from PostgreSQL, the holds are exactly the pending and paid orders, the per-user counts match."""
     rows = await db.fetch(
-        """SELECT p.id, p.total_stock,
-                  COALESCE(SUM(o.quantity) FILTER (WHERE o.status <> 'cancelled'), 0) AS reserved
+        """SELECT p.id, p.total_stock, p.sold,
+                  COALESCE(SUM(o.quantity) FILTER (WHERE order_holds_stock(o.status)), 0) AS reserved
            FROM products p LEFT JOIN orders o ON o.product_id = p.id GROUP BY p.id"""
     )
     for r in rows:
         assert r["reserved"] <= r["total_stock"], f"I1 oversold {r['id']}: {r['reserved']} > {r['total_stock']}"
+        assert r["sold"] == r["reserved"], f"I1 sold counter of {r['id']} is {r['sold']}, its orders hold {r['reserved']}"
         if not settled:
             continue
         total, reserved = await redis.hmget(keys(r["id"])[0], ["total", "reserved"])

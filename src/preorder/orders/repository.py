@@ -30,19 +30,21 @@ class NewOrder:
     idempotency_ttl_s: int = 86_400
 
 
-# The product row is read FOR KEY SHARE with the epoch the reservation saw: a loader holding FOR UPDATE
-# makes us wait, and once it has bumped the epoch this inserts nothing (the reservation is stale).
-# clock_timestamp() < deadline: a write can never land after the reconciler may treat its hold as orphaned.
+# The product row is locked with the epoch the reservation saw: a loader holding FOR UPDATE makes us wait, and
+# once it has bumped the epoch this inserts nothing (the reservation is stale). The row also carries `sold`
+# (migration 0003): an order that would take it past total_stock is not inserted, whatever Redis said (Redis can
+# go back in time). clock_timestamp() < deadline: a write can never land after the reconciler may treat its hold
+# as orphaned.
 _INSERT = f"""
 WITH p AS (
-    SELECT id, price_amount, currency, payment_window_seconds FROM products
-    WHERE id = $2::text AND stock_epoch = $5::bigint FOR KEY SHARE
+    SELECT id, price_amount, currency, payment_window_seconds, total_stock - sold AS free FROM products
+    WHERE id = $2::text AND stock_epoch = $5::bigint FOR NO KEY UPDATE
 ), o AS (
     INSERT INTO orders (id, product_id, user_id, quantity, status, amount_due, currency,
                         pay_by, created_at, updated_at)
     SELECT $1::uuid, p.id, $3::text, $4::int, 'pending', p.price_amount * $4::int, p.currency,
            now() + make_interval(secs => p.payment_window_seconds), now(), now()
-    FROM p WHERE clock_timestamp() < $6::timestamptz
+    FROM p WHERE clock_timestamp() < $6::timestamptz AND $4::int <= p.free
     RETURNING *
 ), e AS (
     INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
@@ -56,7 +58,8 @@ SELECT {_COLUMNS} FROM o
 
 
 async def insert(conn: PoolOrConn, new: NewOrder) -> asyncpg.Record | None:
-    """None when the fence refused the write (stock rebuilt since the reservation, or too late)."""
+    """None when a fence refused the write (stock rebuilt since the reservation, too late, or no stock left in
+    PostgreSQL's count)."""
     return await conn.fetchrow(
         _INSERT,
         new.order_id, new.product_id, new.user_id, new.quantity, new.epoch, new.deadline,
@@ -64,22 +67,28 @@ async def insert(conn: PoolOrConn, new: NewOrder) -> asyncpg.Record | None:
     )
 
 
-# Group commit: the same fence, row by row, for many orders in one statement and one WAL flush. Only orders
+# Group commit: the same fences, row by row, for many orders in one statement and one WAL flush. Only orders
 # without an Idempotency-Key come here, so no row can fail on a unique key and take the others down with it.
+# The product rows are locked in id order (as the sold-counter triggers lock them: no deadlock), and a row is
+# inserted only while the units before it in the batch, and its own, still fit in total_stock - sold.
 _INSERT_MANY = f"""
 WITH i AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::timestamptz[])
-        AS t(id, product_id, user_id, quantity, epoch, deadline)
+        WITH ORDINALITY AS t(id, product_id, user_id, quantity, epoch, deadline, n)
 ), p AS (
-    SELECT id, price_amount, currency, payment_window_seconds, stock_epoch FROM products
-    WHERE id IN (SELECT product_id FROM i) FOR KEY SHARE
+    SELECT id, price_amount, currency, payment_window_seconds, stock_epoch, total_stock - sold AS free
+    FROM products WHERE id IN (SELECT product_id FROM i) ORDER BY id FOR NO KEY UPDATE
+), fenced AS (
+    SELECT i.*, SUM(i.quantity) OVER (PARTITION BY i.product_id ORDER BY i.n) AS units_so_far
+    FROM i JOIN p ON p.id = i.product_id AND p.stock_epoch = i.epoch
+    WHERE clock_timestamp() < i.deadline
 ), o AS (
     INSERT INTO orders (id, product_id, user_id, quantity, status, amount_due, currency,
                         pay_by, created_at, updated_at)
-    SELECT i.id, p.id, i.user_id, i.quantity, 'pending', p.price_amount * i.quantity, p.currency,
+    SELECT f.id, p.id, f.user_id, f.quantity, 'pending', p.price_amount * f.quantity, p.currency,
            now() + make_interval(secs => p.payment_window_seconds), now(), now()
-    FROM i JOIN p ON p.id = i.product_id AND p.stock_epoch = i.epoch
-    WHERE clock_timestamp() < i.deadline
+    FROM fenced f JOIN p ON p.id = f.product_id
+    WHERE f.units_so_far <= p.free
     RETURNING *
 ), e AS (
     INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
