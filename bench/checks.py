@@ -16,7 +16,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from preorder.db import asyncpg_dsn
-from preorder.stock.service import keys
+from preorder.stock.keys import product_keys
 
 _PER_PRODUCT = """
 SELECT p.id, p.total_stock,
@@ -75,7 +75,7 @@ async def _compare(database_url: str, redis_url: str, products: list[str], resul
             result.orders_in_pg += row["orders"]
             if row["live"] > row["total_stock"]:
                 result.oversold.append(row["id"])
-            total, reserved = await redis.hmget(keys(row["id"])[0], ["total", "reserved"])
+            total, reserved = await redis.hmget(product_keys(row["id"]).stock, ["total", "reserved"])
             if total is None or reserved is None or (int(total), int(reserved)) != (row["total_stock"], row["live"]):
                 result.drifted.append(f"{row['id']}: redis total={total!r} reserved={reserved!r}, "
                                       f"pg total={row['total_stock']} live={row['live']}")

@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping
 import asyncpg
 import redis.asyncio as aioredis
 
-from preorder.stock.service import keys, parse_hold
+from preorder.stock.keys import product_keys
+from preorder.stock.service import parse_hold
 
 LIVE = ("pending", "paid")  # the statuses whose Redis hold is kept once everything is settled
 
@@ -32,10 +33,10 @@ async def assert_invariants(
     )
     for r in rows:
         assert r["reserved"] <= r["total_stock"], f"I1 oversold {r['id']}: {r['reserved']} > {r['total_stock']}"
-        assert r["sold"] == r["reserved"], f"I1 sold counter of {r['id']} is {r['sold']}, its orders hold {r['reserved']}"
+        assert r["sold"] == r["reserved"], f"I1 sold counter of {r['id']}: {r['sold']}, its orders hold {r['reserved']}"
         if not settled:
             continue
-        total, reserved = await redis.hmget(keys(r["id"])[0], ["total", "reserved"])
+        total, reserved = await redis.hmget(product_keys(r["id"]).stock, ["total", "reserved"])
         if total is None:
             continue  # not loaded: it is rebuilt from PostgreSQL on first use, so it cannot drift
         assert int(total) == r["total_stock"], f"I2 total drift on {r['id']}"
@@ -58,7 +59,7 @@ async def _assert_created(db: asyncpg.Connection, created: Iterable[str] | Mappi
 
 
 async def _assert_holds_match(db: asyncpg.Connection, redis: aioredis.Redis, product_id: str) -> None:
-    _, holds_key, users_key = keys(product_id)
+    holds_key, users_key = product_keys(product_id).holds, product_keys(product_id).users
     holds = {str(h.order_id): (h.quantity, h.user_id)
              for h in (parse_hold(k, v) for k, v in (await redis.hgetall(holds_key)).items())}
     orders = await db.fetch("SELECT id, user_id, quantity, status FROM orders WHERE product_id = $1", product_id)

@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 
 from preorder import db as dbmod
 from preorder.embedded import EmbeddedRedis
-from preorder.stock.service import Stock, keys
+from preorder.stock.keys import product_keys
+from preorder.stock.service import Stock
 from preorder.workers.reconciler import settle_all
 from tests.conftest import bearer, make_product, make_settings, serving
 from tests.harness import (
@@ -60,7 +61,8 @@ def assert_retryable_problem(r: httpx.Response) -> None:
 
 
 async def assert_nothing_held(redis: aioredis.Redis, product_id: str = "P1001") -> None:
-    stock, holds, users = keys(product_id)
+    k = product_keys(product_id)
+    stock, holds, users = k.stock, k.holds, k.users
     assert int(await redis.hget(stock, "reserved")) == 0
     assert await redis.hlen(holds) == 0 and await redis.hlen(users) == 0
 
@@ -159,7 +161,7 @@ async def test_a_rebuild_whose_load_never_landed_is_healed_by_the_reconciler(app
 
 
 async def _holds_at_least(redis: aioredis.Redis, n: int, product_id: str = "P1001") -> None:
-    assert await redis.hlen(keys(product_id)[1]) >= n
+    assert await redis.hlen(product_keys(product_id).holds) >= n
 
 
 
@@ -306,12 +308,12 @@ async def test_kill_9_mid_load_then_restart_releases_orphan_holds(db, own_redis,
     traffic2.assert_only({201})
     traffic.created.update(traffic2.created)
     await settled(db, own_redis_client, traffic)
-    left = await own_redis_client.hmget(keys("HOT")[1], sorted(orphans))
+    left = await own_redis_client.hmget(product_keys("HOT").holds, sorted(orphans))
     assert left == [None] * len(orphans), "the restarted process's reconciler released every orphan hold"
 
 
 async def _unwritten_holds(db: asyncpg.Connection, redis: aioredis.Redis) -> set[str]:
-    held = {k.decode() for k in await redis.hkeys(keys("HOT")[1])}
+    held = {k.decode() for k in await redis.hkeys(product_keys("HOT").holds)}
     written = {str(r["id"]) for r in await db.fetch("SELECT id FROM orders WHERE id = ANY($1::uuid[])", held)}
     return held - written
 

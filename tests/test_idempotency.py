@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from preorder.stock.service import keys
+from preorder.stock.keys import product_keys
 from tests.conftest import bearer, make_product, make_settings, serving
 from tests.invariants import assert_invariants
 
@@ -76,7 +76,7 @@ async def test_20_concurrent_identical_retries_make_exactly_one_order(client, db
         if r.status_code == 409:
             assert r.json()["type"] == "/problems/idempotency-in-progress"
     assert await db.fetchval("SELECT count(*) FROM orders") == 1
-    stock, holds, _ = keys("P1001")
+    stock, holds = product_keys("P1001").stock, product_keys("P1001").holds
     assert int(await redis.hget(stock, "reserved")) == 2 and await redis.hlen(holds) == 1, "stock taken once"
     late = await client.post("/api/preorder", json=BODY, headers=keyed("k-burst"))
     assert late.status_code == 201 and late.json()["order_id"] == made[0].json()["order_id"]

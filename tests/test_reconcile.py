@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from preorder.stock.service import keys
+from preorder.stock.keys import product_keys
 from tests.conftest import bearer, make_product
 from tests.harness import PREORDER, server_env
 from tests.invariants import assert_invariants
 
 pytestmark = pytest.mark.faults  # starts processes
-STOCK, HOLDS, USERS = keys("P1001")
+_K = product_keys("P1001")
+STOCK, HOLDS, USERS = _K.stock, _K.holds, _K.users
 ME = bearer("U-rec")
 
 
@@ -29,7 +30,9 @@ class Run:
 @pytest.fixture
 def reconcile(settings):
     async def run(*args: str) -> Run:
-        env = server_env(settings.database_url, settings.redis_url)
+        # A hold counts as young for 30 s: a starting subprocess on a loaded machine can take longer than the
+        # fault suite's 2.5 s (the orphans these tests plant are ten minutes old).
+        env = server_env(settings.database_url, settings.redis_url, PREORDER_ORPHAN_HOLD_S="30")
         proc = await asyncio.create_subprocess_exec(
             str(PREORDER), "reconcile", *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

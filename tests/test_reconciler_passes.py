@@ -10,13 +10,16 @@ import uuid
 from preorder.ids import new_id
 from preorder.orders import repository as order_repo
 from preorder.stock import repository as stock_repo
-from preorder.stock.service import Ask, fresh_key, keys
+from preorder.stock.keys import product_keys
+from preorder.stock.service import Ask
 from preorder.workers.reconciler import Reconciler
 from tests.conftest import bearer, make_product
 from tests.invariants import assert_invariants
 
 ME = bearer("U-pass")
 ORPHAN_HOLD_S = 0.3  # holds without an order row are judged orphans after this long (the test waits it out)
+
+K = product_keys("P1001")
 
 
 async def _orders(client, n: int) -> list[uuid.UUID]:
@@ -48,14 +51,14 @@ async def test_regular_pass_releases_an_orphan_hold_once_old_enough_and_keeps_th
     await app.state.stock.reserve(Ask("P1001", orphan, 2, "U-ghost", "127.0.0.1"))
 
     young = await reconciler.run()
-    assert young.orphans == 0 and await redis.hexists(keys("P1001")[1], str(orphan)), "too young to judge"
+    assert young.orphans == 0 and await redis.hexists(K.holds, str(orphan)), "too young to judge"
 
     await asyncio.sleep(ORPHAN_HOLD_S + 0.2)
     done = await reconciler.run()
     assert done.orphans == 1 and done.released == 0
-    assert not await redis.hexists(keys("P1001")[1], str(orphan))
-    assert all([await redis.hexists(keys("P1001")[1], str(o)) for o in written]), "written orders keep their holds"
-    assert await redis.zcard(fresh_key("P1001")) == 0, "every judged hold is forgotten"
+    assert not await redis.hexists(K.holds, str(orphan))
+    assert all([await redis.hexists(K.holds, str(o)) for o in written]), "written orders keep their holds"
+    assert await redis.zcard(K.fresh) == 0, "every judged hold is forgotten"
     await assert_invariants(db, redis)
 
 
@@ -69,8 +72,8 @@ async def test_regular_pass_settles_a_cancel_or_ship_whose_redis_step_never_ran(
 
     done = await reconciler.run()
     assert (done.released, done.dropped) == (1, 1)
-    assert int(await redis.hget(keys("P1001")[0], "reserved")) == 2, "the cancelled unit came back, the shipped not"
-    assert await redis.hexists(keys("P1001")[1], str(kept))
+    assert int(await redis.hget(K.stock, "reserved")) == 2, "the cancelled unit came back, the shipped not"
+    assert await redis.hexists(K.holds, str(kept))
     again = await reconciler.run()
     assert (again.released, again.dropped) == (0, 0), "settling is exactly once"
     await assert_invariants(db, redis)
@@ -82,7 +85,7 @@ async def test_regular_pass_does_not_read_every_hold(app, client, db, redis):
     reconciler = await _regular_pass_ready(app)
     await asyncio.sleep(ORPHAN_HOLD_S + 0.2)
     await reconciler.run()  # judges the 200 fresh holds once (they all have their rows) and forgets them
-    assert await redis.zcard(fresh_key("P1001")) == 0
+    assert await redis.zcard(K.fresh) == 0
     await redis.config_resetstat()
 
     done = await reconciler.run()
@@ -97,10 +100,10 @@ async def test_regular_pass_does_not_read_every_hold(app, client, db, redis):
 async def test_a_rebuild_forgets_fresh_holds_since_each_loaded_hold_has_its_row(app, client, db, redis):
     await make_product(client, total_stock=10)
     await _orders(client, 2)
-    assert await redis.zcard(fresh_key("P1001")) == 2
+    assert await redis.zcard(K.fresh) == 2
     await app.state.stock.rebuild("P1001")
-    assert await redis.zcard(fresh_key("P1001")) == 0
-    assert await redis.hlen(keys("P1001")[1]) == 2
+    assert await redis.zcard(K.fresh) == 0
+    assert await redis.hlen(K.holds) == 2
     await assert_invariants(db, redis)
 
 

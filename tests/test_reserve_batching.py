@@ -11,13 +11,14 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from preorder.stock.batching import ScriptBatcher
+from preorder.stock.keys import product_keys
 from preorder.stock.service import _script
 
 LIMITS = (4, 9, 60_000)  # per customer, per address, window ms: small, so batches cross them
 
 
 def _head(product: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-    tag = f"po:{{{product}}}"
+    tag = product_keys(product).tag
     return (f"{tag}:stock", f"{tag}:holds", f"{tag}:users", f"{tag}:fresh"), LIMITS
 
 
@@ -27,7 +28,7 @@ async def _load(redis: aioredis.Redis, product: str, *, total: int, limit: int) 
 
 
 def _asks(rng: random.Random, product: str, n: int) -> list[tuple[list[str], list[Any]]]:
-    tag = f"po:{{{product}}}"
+    tag = product_keys(product).tag
     asks = []
     for _ in range(n):
         user, client = f"u{rng.randint(1, 6)}", f"10.0.0.{rng.randint(1, 3)}"
@@ -37,7 +38,7 @@ def _asks(rng: random.Random, product: str, n: int) -> list[tuple[list[str], lis
 
 
 async def _state(redis: aioredis.Redis, product: str) -> dict[str, Any]:
-    tag = f"po:{{{product}}}"
+    tag = product_keys(product).tag
     holds = {k: v.rsplit(b":", 1)[0] for k, v in (await redis.hgetall(f"{tag}:holds")).items()}  # drop the time
     rates = {k.decode().rsplit(":", 2)[-1]: await redis.get(k) async for k in redis.scan_iter(f"{tag}:rl:*")}
     fresh = [oid for oid, _ in await redis.zrange(f"{tag}:fresh", 0, -1, withscores=True)]
@@ -89,7 +90,7 @@ async def test_one_loop_turn_of_asks_is_one_script_call_per_product(redis: aiore
     await redis.config_resetstat()
 
     def ask(product: str, i: int) -> asyncio.Future[Any]:
-        tag = f"po:{{{product}}}"
+        tag = product_keys(product).tag
         keys = [f"{tag}:rl:u:a{i}", f"{tag}:rl:c:c{i}"]
         return batcher(_head(product), keys=keys, args=[str(uuid.uuid4()), 1, f"a{i}"])
 

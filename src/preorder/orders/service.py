@@ -34,6 +34,7 @@ from preorder.orders.group_commit import GroupCommit
 from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
 from preorder.products import repository as products_repo
 from preorder.settings import Settings
+from preorder.stock.keys import idempotency_marker
 from preorder.stock.service import Ask, Reservation, Stock
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class Orders:
         replay = await self._replay(user_id, idem_key, fingerprint)
         if replay is not None:
             return replay, True
-        marker = f"po:idem:{{{user_id}}}:{idem_key}"
+        marker = idempotency_marker(user_id, idem_key)
         # Milliseconds: with a sub-second write deadline, whole seconds would round down to an invalid 0.
         if not await self.redis.set(marker, fingerprint, nx=True, px=int(self.settings.write_deadline_s * 2000)):
             raise IdempotencyInProgress("Retry once the first request has finished")

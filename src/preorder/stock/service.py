@@ -4,6 +4,7 @@ hash tag ({product_id}), so the scripts run unchanged on Redis Cluster."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -15,31 +16,20 @@ from importlib import resources
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from preorder.db import PgConn, PgPool
 from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
 from preorder.stock import repository as repo
 from preorder.stock.batching import ScriptBatcher
+from preorder.stock.keys import product_keys
 
+log = logging.getLogger("preorder.stock")
 LIVE = ("pending", "paid")  # statuses whose stock is held and can still come back
 
 
 def _script(name: str) -> str:
     return resources.files("preorder.stock").joinpath("lua", name).read_text()
-
-
-def keys(product_id: str) -> list[str]:
-    tag = f"po:{{{product_id}}}"
-    return [f"{tag}:stock", f"{tag}:holds", f"{tag}:users"]
-
-
-def fresh_key(product_id: str) -> str:
-    """Holds by reservation time that the reconciler has yet to match with an order row (reserve.lua adds)."""
-    return f"po:{{{product_id}}}:fresh"
-
-
-def script_keys(product_id: str) -> list[str]:
-    return [*keys(product_id), fresh_key(product_id)]
 
 
 def _ms(at: datetime | None) -> int:
@@ -159,12 +149,16 @@ class Stock:
             raise OutOfStock("Sold out", available=0)
 
     async def _try_reserve(self, ask: Ask) -> Reservation:
-        tag = f"po:{{{ask.product_id}}}"
-        answer = await self._reserve(
-            ((f"{tag}:stock", f"{tag}:holds", f"{tag}:users", f"{tag}:fresh"), self.rate.args),
-            keys=[f"{tag}:rl:u:{ask.user_id}", f"{tag}:rl:c:{ask.client}"],
-            args=[str(ask.order_id), ask.quantity, ask.user_id],
-        )
+        k = product_keys(ask.product_id)
+        try:
+            answer = await self._reserve(
+                (k.scripts, self.rate.args),
+                keys=[k.rate_user(ask.user_id), k.rate_client(ask.client)],
+                args=[str(ask.order_id), ask.quantity, ask.user_id],
+            )
+        except ResponseError as exc:  # the whole call failed inside Redis: nothing of it was written
+            log.error("reserve script failed for %s: %s", ask.product_id, exc)
+            raise Unavailable("Stock could not be reserved; retry") from None
         code = answer[0]
         if code == b"OK":
             return Reservation(int(answer[1]), int(answer[2]), int(answer[3]))
@@ -185,22 +179,26 @@ class Stock:
             raise UserLimitReached(f"You may order {remaining} more of this product", remaining=remaining)
         if code in ("NOT_STARTED", "ENDED"):
             raise PresaleClosed("The presale has not started" if code == "NOT_STARTED" else "The presale has ended")
+        if code == "ERROR":  # this ask alone raised inside the script (the others of its call ran)
+            log.error("reserve script failed for %s: %s", product_id, answer[1])
+            raise Unavailable("Stock could not be reserved; retry")
         raise Unavailable(f"Reservation refused: {code}")  # DUPLICATE: a fresh uuid7 collided; retryable
 
     async def release(self, product_id: str, order_id: uuid.UUID) -> int:
         """Give back what the order's hold still holds; a second call gives back nothing."""
-        given = int(await self._settle(keys=script_keys(product_id), args=[str(order_id), "release"]))
+        given = int(await self._settle(keys=product_keys(product_id).scripts, args=[str(order_id), "release"]))
         if given:
             self.sold_out.clear(product_id)
         return given
 
     async def drop(self, product_id: str, order_id: uuid.UUID) -> int:
         """The order shipped: forget its hold, keep its stock sold."""
-        return int(await self._settle(keys=script_keys(product_id), args=[str(order_id), "drop"]))
+        return int(await self._settle(keys=product_keys(product_id).scripts, args=[str(order_id), "drop"]))
 
     async def levels(self, product_id: str) -> Levels:
         for _ in range(3):
-            total, reserved, epoch = await self.redis.hmget(keys(product_id)[0], ["total", "reserved", "epoch"])
+            stock_key = product_keys(product_id).stock
+            total, reserved, epoch = await self.redis.hmget(stock_key, ["total", "reserved", "epoch"])
             if total is not None and reserved is not None and epoch is not None:  # load.lua writes all three
                 return Levels(int(total), int(reserved), int(epoch))
             await self.ensure_loaded(product_id)
@@ -211,7 +209,7 @@ class Stock:
         (HSCAN may repeat a hold across pages: settling is idempotent.)"""
         cursor = 0
         while True:
-            cursor, page = await self.redis.hscan(keys(product_id)[1], cursor, count=size)
+            cursor, page = await self.redis.hscan(product_keys(product_id).holds, cursor, count=size)
             assert isinstance(page, dict)  # HSCAN without NOVALUES answers field -> value
             yield [parse_hold(oid, value) for oid, value in page.items()]
             if cursor == 0:
@@ -223,7 +221,7 @@ class Stock:
         The caller forgets each page once it has settled it (forget_fresh): the next page starts after it."""
         while True:
             page: list[Any] = await self.redis.zrangebyscore(
-                fresh_key(product_id), "-inf", reserved_before_ms, start=0, num=size, withscores=True)
+                product_keys(product_id).fresh, "-inf", reserved_before_ms, start=0, num=size, withscores=True)
             if not page:
                 return
             yield [(uuid.UUID(oid.decode()), int(at)) for oid, at in page]  # withscores: (member, score) pairs
@@ -232,25 +230,25 @@ class Stock:
 
     async def forget_fresh(self, product_id: str, order_ids: list[uuid.UUID]) -> None:
         if order_ids:
-            await self.redis.zrem(fresh_key(product_id), *(str(o) for o in order_ids))
+            await self.redis.zrem(product_keys(product_id).fresh, *(str(o) for o in order_ids))
 
     async def holding(self, product_id: str, order_ids: list[uuid.UUID]) -> list[uuid.UUID]:
         """Which of these orders still hold stock in Redis."""
         if not order_ids:
             return []
-        found = await self.redis.hmget(keys(product_id)[1], [str(o) for o in order_ids])
+        found = await self.redis.hmget(product_keys(product_id).holds, [str(o) for o in order_ids])
         return [o for o, hold in zip(order_ids, found, strict=True) if hold is not None]
 
     async def holds(self, product_id: str) -> list[Hold]:
         found = []
-        async for oid, value in self.redis.hscan_iter(keys(product_id)[1], count=1000):
+        async for oid, value in self.redis.hscan_iter(product_keys(product_id).holds, count=1000):
             found.append(parse_hold(oid, value))
         return found
 
     async def ensure_loaded(self, product_id: str) -> None:
         """Fail closed while exactly one loader (per process, and across processes by the row lock) rebuilds."""
         async with self._loading[product_id]:
-            if await self.redis.exists(keys(product_id)[0]):
+            if await self.redis.exists(product_keys(product_id).stock):
                 return
             await self.rebuild(product_id, only_if_missing=True)
 
@@ -284,7 +282,7 @@ class Stock:
             if await repo.lock_product(conn, product_id) is None:
                 raise NotFound(f"Unknown product {product_id}")
             # Checked again under the lock: another process may have loaded it while we waited.
-            if only_if_missing and await self.redis.exists(keys(product_id)[0]):
+            if only_if_missing and await self.redis.exists(product_keys(product_id).stock):
                 return None
             if apply is not None:
                 await apply(conn)
@@ -293,7 +291,7 @@ class Stock:
     async def _load_is_newest(self, product_id: str, snap: repo.Snapshot) -> bool:
         # Called once the snapshot is committed: an order write that reserved against the old Redis now fails
         # its epoch fence. load.lua ignores a snapshot older than the one Redis holds (answers 0).
-        loaded = await self._load(keys=script_keys(product_id), args=self._load_args(snap))
+        loaded = await self._load(keys=product_keys(product_id).scripts, args=self._load_args(snap))
         return not loaded or await repo.stock_epoch(self.pool, product_id) == snap.epoch
 
     @staticmethod

@@ -22,7 +22,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from preorder.stock import repository as stock_repo
-from preorder.stock.service import Stock, keys
+from preorder.stock.keys import product_keys
+from preorder.stock.service import Stock
 
 log = logging.getLogger("preorder.reconciler")
 
@@ -135,7 +136,7 @@ async def _current_products(stock: Stock, done: Settled) -> list[str]:
     products = await stock_repo.epochs(stock.pool)
     for r in products:
         pid = r["id"]
-        epoch = await stock.redis.hget(keys(pid)[0], "epoch")
+        epoch = await stock.redis.hget(product_keys(pid).stock, "epoch")
         if epoch is None:
             continue  # not loaded: the loader rebuilds it from PostgreSQL when it is next used
         if int(epoch) < r["stock_epoch"]:
@@ -194,7 +195,7 @@ async def compare(stock: Stock, *, orphan_hold_s: float) -> list[Drift]:
     now_ms = await _redis_now_ms(stock)
     for r in await stock_repo.live_totals(stock.pool):
         pid = r["id"]
-        total, reserved, epoch = await stock.redis.hmget(keys(pid)[0], ["total", "reserved", "epoch"])
+        total, reserved, epoch = await stock.redis.hmget(product_keys(pid).stock, ["total", "reserved", "epoch"])
         holds = await stock.holds(pid) if total is not None else []
         statuses = await stock_repo.order_statuses(stock.pool, [h.order_id for h in holds])
         # An orphan hold (older than orphan_hold_s, no order) can no longer be written: it is drift, a leak.

@@ -13,6 +13,11 @@ if not hold then
 end
 local qty_s, user = string.match(hold, '^(%d+):(.*):%d+$')
 local qty = tonumber(qty_s)
+-- Checked before the first write: a malformed hold stays where it is (for an operator to see), rather than
+-- being deleted without its units given back.
+if not qty or qty <= 0 then
+  return redis.error_reply('malformed hold of ' .. ARGV[1] .. ': ' .. hold)
+end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if ARGV[2] == 'release' then

@@ -5,6 +5,7 @@
 --       then per order two rate counters, this customer's and this client address's (all share the tag).
 -- ARGV: 1 customer limit, 2 address limit, 3 rate window (ms), then per order: order_id, quantity, user_id.
 -- Returns one answer per order. Redis does not roll a script back, so each order's checks come before its writes.
+-- An ask that raised an error answers {'ERROR', message}; the caller answers it 503.
 local f = redis.call('HMGET', KEYS[1], 'total', 'reserved', 'epoch', 'starts', 'ends', 'limit')
 local n = (#ARGV - 3) / 3
 local answers = {}
@@ -25,7 +26,14 @@ local function reserve(rate_keys, order_id, qty, user)
   for i = 1, 2 do
     local count = tonumber(redis.call('GET', rate_keys[i]) or '0')
     if count >= tonumber(ARGV[i]) then
-      limited = math.max(limited, redis.call('PTTL', rate_keys[i]))
+      local ttl = redis.call('PTTL', rate_keys[i])
+      if ttl < 0 then
+        -- A counter without a TTL (-1) would refuse this customer for ever, and read as 0 it used to refuse
+        -- nothing at all: give it the window it should have had, and refuse for that long.
+        redis.call('PEXPIRE', rate_keys[i], ARGV[3])
+        ttl = tonumber(ARGV[3])
+      end
+      limited = math.max(limited, ttl)
     end
   end
   if limited ~= 0 then
@@ -65,6 +73,13 @@ end
 for i = 1, n do
   local a = 3 + (i - 1) * 3
   local k = 4 + (i - 1) * 2
-  answers[i] = reserve({KEYS[k + 1], KEYS[k + 2]}, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3])
+  -- One ask's error (a key of the wrong type, say) answers that ask alone: the others of the call still run.
+  -- Its checks come before its writes, so an ask that fails in them has written nothing.
+  local ok, answer = pcall(reserve, {KEYS[k + 1], KEYS[k + 2]}, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3])
+  if ok then
+    answers[i] = answer
+  else
+    answers[i] = {'ERROR', type(answer) == 'table' and answer.err or tostring(answer)}
+  end
 end
 return answers
