@@ -52,6 +52,7 @@ def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": "test", "database_url": db_url, "redis_url": redis_url, "jwt_secret": SECRET,
         "workers_enabled": False, "rate_limit_per_user": 10_000, "rate_limit_per_client": 100_000,
+        "relay_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)
@@ -65,7 +66,9 @@ def settings(servers: tuple[str, str]) -> Settings:
 @pytest.fixture
 async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
-    await conn.execute("TRUNCATE refunds, idempotency_keys, order_events, orders, products")
+    await conn.execute(
+        "TRUNCATE refunds, idempotency_keys, order_events, orders, products, event_deliveries, event_sinks"
+    )
     yield conn
     await conn.close()
 
