@@ -158,7 +158,8 @@ async def test_a_delivery_past_its_retry_period_fails_and_an_admin_can_send_it_a
         again = await client.post(url, headers=ADMIN)
         assert again.status_code == 202 and again.json()["status"] == "pending"
         await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=20)
-        assert (await client.post(f"/api/webhooks/{hook['id']}/deliveries/999999/retry", headers=ADMIN)).status_code == 404
+        unknown = await client.post(f"/api/webhooks/{hook['id']}/deliveries/999999/retry", headers=ADMIN)
+        assert unknown.status_code == 404
 
 
 async def test_an_endpoint_failing_past_the_bound_is_disabled_until_resumed(
