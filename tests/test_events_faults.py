@@ -190,11 +190,12 @@ async def test_redis_flushed_during_relay(db: asyncpg.Connection, stack: Stack) 
     await assert_all_delivered(db, stack)
 
 
-@pytest.mark.parametrize("mode", ["reset", "blackhole"])
-async def test_postgresql_cut_during_relay(db: asyncpg.Connection, stack: Stack, mode: str) -> None:
+async def test_postgresql_cut_during_relay(db: asyncpg.Connection, stack: Stack) -> None:
+    """Connections reset (test_faults covers the blackholed kind for the order path; the relay's statements are
+    bounded by the same statement timeout)."""
     async with customers(stack):
         await eventually(lambda: _events_at_least(db, 200), within=30)
-        stack.proxy.cut(mode)
+        stack.proxy.cut("reset")
         cut_at = time.monotonic()
         await asyncio.sleep(max(0.0, 3 - (time.monotonic() - cut_at)))  # the outage lasts 3 seconds
         stack.proxy.restore()

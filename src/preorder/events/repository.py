@@ -13,7 +13,8 @@ from preorder.db import PgConn, PgPool
 PoolOrConn = PgPool | PgConn
 _FULL_TYPE = "'preorder.order.' || e.type"
 
-# Queue every event not yet relayed for each sink that takes it (a paused sink queues, a disabled one does not).
+# Queue every event not yet relayed for each sink that takes it (a paused or disabled endpoint too: it gets its
+# backlog when resumed, and the lag counts only active sinks).
 # SKIP LOCKED: relays in several processes take disjoint batches. The order in which batches are queued does not
 # matter: a delivery is sent only once every earlier event of its order is relayed and delivered (see _CLAIM).
 _FAN_OUT = f"""
@@ -23,8 +24,7 @@ WITH ev AS (
 ), d AS (
     INSERT INTO event_deliveries (sink_id, event_row, order_id, sequence, event_at, give_up_at)
     SELECT s.id, e.id, e.order_id, e.sequence, e.created_at, now() + make_interval(secs => $2::float8)
-    FROM ev e JOIN event_sinks s ON s.status <> 'disabled'
-        AND (s.event_types IS NULL OR {_FULL_TYPE} = ANY (s.event_types))
+    FROM ev e JOIN event_sinks s ON s.event_types IS NULL OR {_FULL_TYPE} = ANY (s.event_types)
     ON CONFLICT (sink_id, event_row) DO NOTHING
 ), u AS (
     UPDATE order_events SET relayed_at = now() WHERE id IN (SELECT id FROM ev)
