@@ -9,7 +9,8 @@ rows are in the partial index the relay reads, so it stays small whatever the hi
 endpoints an admin registers. `event_deliveries` is one row per event and sink: the relay's bookkeeping
 (attempts, next try, last answer), purged after the retention period. The history itself (I5) is never purged.
 
-The index on (order_id, id) that served the history becomes a unique one on (order_id, sequence): it serves
+The create path pays one more index entry per event (the partial one; event_id is 122 random bits, unique
+without an index, and nothing looks an event up by it). The index on (order_id, id) that served the history becomes a unique one on (order_id, sequence): it serves
 the history the same way, makes a duplicate sequence impossible, and the next sequence is read from it.
 
 Revision ID: 0004
@@ -42,8 +43,6 @@ SCHEMA = """
     WHERE s.id = e.id;
 
     ALTER TABLE order_events ALTER COLUMN sequence SET NOT NULL, ALTER COLUMN type SET NOT NULL;
-
-    CREATE UNIQUE INDEX order_events_event_id_idx ON order_events (event_id);
 
     CREATE UNIQUE INDEX order_events_order_seq_idx ON order_events (order_id, sequence);
 
