@@ -4,6 +4,7 @@ order per order, retries with backoff, give-up, disabling, pause, manual retry, 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -254,3 +255,23 @@ async def test_two_relays_deliver_each_event_once_in_order(
         await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=30)
         ids = [e["id"] for e in receiver.events("h")]
         assert len(ids) == len(set(ids))
+
+
+async def test_an_event_that_cannot_be_built_waits_alone_and_says_why(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    async with serving(relay_settings(settings, relay_enabled=False)) as client:  # written, not yet relayed
+        await make_product(client)
+        hook = await endpoint(client, receiver, "h")
+        broken, fine = await orders_with_history(client, 2, batch="P")
+    await db.execute("""UPDATE order_events SET data = '{"id": "not an order"}' WHERE order_id = $1""",
+                     uuid.UUID(broken))
+    async with serving(relay_settings(settings)) as client:
+
+        async def others_delivered() -> None:
+            got = {e["subject"] for e in receiver.events("h")}
+            assert got == {fine}, got
+            stuck = [d for d in await deliveries(client, hook["id"]) if d["order_id"] == broken]
+            assert any("can't build" in (d["last_error"] or "") for d in stuck), stuck
+
+        await eventually(others_delivered, within=20)

@@ -36,16 +36,25 @@ class Relay:
         self._webhooks = WebhookSender(timeout_s=settings.webhook_timeout_s,
                                        allow_private=settings.webhook_allow_private,
                                        max_connections=_WEBHOOK_CONCURRENCY)
-        self._nats_sink_ready = False
 
     async def run_forever(self) -> None:
         loops: list[Callable[[], Awaitable[bool]]] = [self.fan_out, self.send_webhooks, self.housekeeping]
         if self._nats is not None:
             loops.append(self.send_nats)
         try:
+            await self._sync_nats_sink()  # before any fan-out: an event queued without the sink would miss it
             await asyncio.gather(*(self._repeat(step) for step in loops))
         finally:
             await self.close()
+
+    async def _sync_nats_sink(self) -> None:
+        while True:
+            try:
+                await repo.sync_nats_sink(self.pool, self.settings.nats_url)
+                return
+            except Exception as exc:  # PostgreSQL not there yet: the relay waits for it like everything else
+                log.warning("relay start failed: %r", exc)
+            await asyncio.sleep(self.settings.relay_interval_s)
 
     async def _repeat(self, step: Callable[[], Awaitable[bool]]) -> None:
         """Run a step again at once while it has more work, else after the idle pause; never die."""
@@ -68,18 +77,17 @@ class Relay:
     async def send_nats(self) -> bool:
         nats = self._nats
         assert nats is not None
-        if not self._nats_sink_ready:
-            await repo.ensure_nats_sink(self.pool, self.settings.nats_url)
-            self._nats_sink_ready = True
         claimed = await self._claim("nats", self.settings.relay_batch)
         if not claimed:
             return False
-        events = [self._event(row) for row in claimed]
+        built = [(row, self._event(row)) for row in claimed]
+        broken = [self._unbuildable(row, event) for row, event in built if isinstance(event, Exception)]
+        ready = [(row, event) for row, event in built if not isinstance(event, Exception)]
         started = time.monotonic()
-        failures = await nats.publish_all([(e, encode(e)) for e in events])
+        failures = await nats.publish_all([(event, encode(event)) for _, event in ready])
         latency_ms = int((time.monotonic() - started) * 1000)
-        await self._record([self._published(row, failure, latency_ms)
-                            for row, failure in zip(claimed, failures, strict=True)])
+        await self._record(broken + [self._published(row, failure, latency_ms)
+                                     for (row, _), failure in zip(ready, failures, strict=True)])
         return len(claimed) == self.settings.relay_batch
 
     def _published(self, row: asyncpg.Record, failure: BaseException | None, latency_ms: int) -> repo.Outcome:
@@ -105,6 +113,8 @@ class Relay:
 
     async def _deliver(self, row: asyncpg.Record) -> repo.Outcome:
         event = self._event(row)
+        if isinstance(event, Exception):
+            return self._unbuildable(row, event)
         answer = await self._webhooks.send(url=row["url"], secret=row["secret"], msg_id=event["id"], body=encode(event))
         if answer.ok:
             return repo.Outcome(row["id"], row["sink_id"], True, 0.0, answer.status, answer.latency_ms)
@@ -120,8 +130,17 @@ class Relay:
         step = min(cap_s, self.settings.relay_backoff_base_s * 2 ** min(attempts - 1, 30))
         return float(step * random.uniform(0.5, 1.0))
 
-    def _event(self, row: asyncpg.Record) -> dict[str, Any]:
-        return cloud_event(row, source=self.settings.events_source)
+    def _event(self, row: asyncpg.Record) -> dict[str, Any] | ValueError:
+        """The envelope, or why it can't be built (a snapshot this version can't read): that delivery is retried
+        and shows the error, instead of one event stopping every other."""
+        try:
+            return cloud_event(row, source=self.settings.events_source)
+        except ValueError as exc:  # pydantic's ValidationError included
+            return exc
+
+    def _unbuildable(self, row: asyncpg.Record, exc: Exception) -> repo.Outcome:
+        log.error("event %s can't be built: %r", row["event_id"], exc)
+        return self._failed(row, error=f"can't build the event: {exc}"[:500], cap_s=self.settings.webhook_backoff_max_s)
 
     async def _record(self, outcomes: list[repo.Outcome]) -> None:
         if not outcomes:

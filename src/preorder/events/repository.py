@@ -38,14 +38,16 @@ async def fan_out(conn: PoolOrConn, *, limit: int, retry_for_s: float) -> int:
     return int(await conn.fetchval(_FAN_OUT, limit, retry_for_s))
 
 
-async def ensure_nats_sink(conn: PoolOrConn, url: str) -> uuid.UUID:
-    sink_id = await conn.fetchval(
+async def sync_nats_sink(conn: PoolOrConn, url: str) -> None:
+    """The NATS sink exists exactly while NATS is configured: without it, its queue (and the lag) would grow."""
+    if not url:
+        await conn.execute("DELETE FROM event_sinks WHERE kind = 'nats'")
+        return
+    await conn.execute(
         """INSERT INTO event_sinks (id, kind, url) VALUES ($1, 'nats', $2)
-           ON CONFLICT (kind) WHERE kind = 'nats' DO UPDATE SET url = EXCLUDED.url, updated_at = now()
-           RETURNING id""",
+           ON CONFLICT (kind) WHERE kind = 'nats' DO UPDATE SET url = EXCLUDED.url, updated_at = now()""",
         uuid.uuid4(), url,
     )
-    return uuid.UUID(str(sink_id))
 
 
 # The deliveries due now whose sink is active and that are first in line: no earlier event of the same order is

@@ -10,8 +10,9 @@ endpoints an admin registers. `event_deliveries` is one row per event and sink: 
 (attempts, next try, last answer), purged after the retention period. The history itself (I5) is never purged.
 
 The create path pays one more index entry per event (the partial one; event_id is 122 random bits, unique
-without an index, and nothing looks an event up by it). The index on (order_id, id) that served the history becomes a unique one on (order_id, sequence): it serves
-the history the same way, makes a duplicate sequence impossible, and the next sequence is read from it.
+without an index, and nothing looks an event up by it). The index on (order_id, id) that served the history
+becomes a unique one on (order_id, sequence): it serves the history the same way, makes a duplicate sequence
+impossible, and the next sequence is read from it.
 
 Revision ID: 0004
 Revises: 0003
