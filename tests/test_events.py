@@ -182,3 +182,16 @@ async def test_the_openapi_document_lists_every_event_type_as_a_webhook(client: 
                                     ("created", "paid", "shipped", "completed", "cancelled")}
     body = doc["webhooks"]["preorder.order.paid"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].endswith("/OrderEvent")
+
+
+async def test_an_event_row_written_without_the_outbox_columns_still_gets_them(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    await make_product(client)
+    order = await _order(client)
+    oid = uuid.UUID(order["order_id"])
+    await db.execute("INSERT INTO order_events (order_id, from_status, to_status, actor, reason) "
+                     "VALUES ($1, 'pending', 'cancelled', 'ops', 'by hand')", oid)
+    row = await db.fetchrow("SELECT sequence, type, data FROM order_events WHERE order_id = $1 AND sequence = 2", oid)
+    assert row is not None and row["type"] == "cancelled"
+    assert orjson.loads(row["data"])["id"] == order["order_id"]

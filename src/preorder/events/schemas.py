@@ -13,7 +13,7 @@ from preorder.orders.schemas import OrderOut
 from preorder.types import Text
 
 BIGINT_MAX = 2**63 - 1  # ids are PostgreSQL bigints: a larger one is a 400, not a driver error
-_URL_RULES: dict[str, Any] = {"min_length": 8, "max_length": 2048, "pattern": r"^https?://[^\s]+$",
+_URL_RULES: dict[str, Any] = {"min_length": 8, "max_length": 2048, "pattern": r"^https?://[^\s\x00-\x1f\x7f]+$",
                                "examples": ["https://shop.example/hooks"]}
 
 

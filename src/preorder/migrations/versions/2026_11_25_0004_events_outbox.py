@@ -51,6 +51,21 @@ SCHEMA = """
 
     CREATE INDEX order_events_unrelayed_idx ON order_events (id) WHERE relayed_at IS NULL;
 
+    -- A safety net for a writer that does not name the outbox columns (an older statement, a hand-written
+    -- INSERT): the row still gets its sequence, type and, where the order is visible, its snapshot. The order
+    -- writes of orders/repository.py set them themselves, so the WHEN clause keeps the function off their path.
+    CREATE FUNCTION order_events_fill_outbox() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        NEW.sequence := (SELECT COALESCE(max(sequence), 0) + 1 FROM order_events WHERE order_id = NEW.order_id);
+        NEW.type := COALESCE(NEW.type, CASE WHEN NEW.from_status IS NULL THEN 'created' ELSE NEW.to_status END);
+        NEW.data := COALESCE(NEW.data, (SELECT to_jsonb(o) FROM orders o WHERE o.id = NEW.order_id));
+        RETURN NEW;
+    END
+    $fn$;
+
+    CREATE TRIGGER order_events_fill_outbox BEFORE INSERT ON order_events
+        FOR EACH ROW WHEN (NEW.sequence IS NULL) EXECUTE FUNCTION order_events_fill_outbox();
+
     CREATE TABLE event_sinks (
         id            uuid PRIMARY KEY,
         kind          text NOT NULL CHECK (kind IN ('nats', 'webhook')),
@@ -106,6 +121,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP TABLE event_deliveries, event_sinks")
+    op.execute("DROP TRIGGER order_events_fill_outbox ON order_events")
+    op.execute("DROP FUNCTION order_events_fill_outbox()")
     op.execute("CREATE INDEX order_events_order_idx ON order_events (order_id, id)")
     op.execute("DROP INDEX order_events_order_seq_idx")
     op.execute("ALTER TABLE order_events DROP COLUMN event_id, DROP COLUMN sequence, DROP COLUMN type, "
