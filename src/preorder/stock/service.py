@@ -15,9 +15,9 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, NoReturn
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from preorder.cache import RedisClient
 from preorder.db import PgConn, PgPool
 from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
 from preorder.stock import repository as repo
@@ -122,7 +122,7 @@ class NotLoaded(Exception):
 
 
 class Stock:
-    def __init__(self, redis: aioredis.Redis, pool: PgPool, *, rate: RateLimits | None = None,
+    def __init__(self, redis: RedisClient, pool: PgPool, *, rate: RateLimits | None = None,
                  sold_out_ttl_s: float = 0.2) -> None:
         self.redis = redis
         self.pool = pool
