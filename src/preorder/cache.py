@@ -67,6 +67,11 @@ def _create_cluster(settings: Settings) -> RedisCluster:
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
+        # A MOVED answer (a slot moved) patches that slot's owner in the client's map; the default (a full
+        # refresh every 5th MOVED) closes every node's connections, and requests still using one of them
+        # then fail with transport errors outside redis-py's error types (500s, seen in the slot-migration
+        # test; redis-py issue #4287). Connection errors and CLUSTERDOWN still refresh the whole map.
+        reinitialize_steps=0,
     )
 
 
