@@ -26,6 +26,7 @@ from preorder.cache import RedisClient
 from preorder.db import asyncpg_dsn
 from preorder.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
 from preorder.settings import Settings
+from tests.invariants import ANSWERED, record_created
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 ON_CLUSTER = os.environ.get("PREORDER_TEST_REDIS_CLUSTER", "") == "1"
@@ -88,6 +89,12 @@ def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+@pytest.fixture(autouse=True)
+def _forget_answered() -> Iterator[None]:
+    ANSWERED.clear()  # each test's I3 covers the orders it created
+    yield
+
+
 @pytest.fixture(scope="session")
 def settings(servers: tuple[str, str]) -> Settings:
     return make_settings(*servers)
@@ -120,7 +127,8 @@ async def app(settings: Settings, db: asyncpg.Connection, redis: RedisClient) ->
 async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """A client that talks to the app in process."""
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30,
+                                 event_hooks={"response": [record_created]}) as c:
         yield c
 
 
@@ -152,3 +160,43 @@ async def make_product(client: httpx.AsyncClient, pid: str = "P1001", **fields: 
     r = await client.post("/api/products", json=body, headers=ADMIN)
     assert r.status_code == 201, r.text
     return dict(r.json())
+
+
+# ---- for the fault tests: servers of a test's own ------------------------------------------------------
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis | EmbeddedRedisCluster]:
+    """A redis-server of this test alone, without persistence: killing it loses every key. (With
+    PREORDER_TEST_REDIS_CLUSTER=1, a Redis Cluster of this test alone.)"""
+    server = embedded_redis(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def own_redis_client(own_redis: EmbeddedRedis | EmbeddedRedisCluster) -> AsyncIterator[RedisClient]:
+    client = redis_client(own_redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def servers_for(tmp_path: Path, settings) -> Iterator[object]:
+    """make(redis_url, database_url=None, **env) -> a started-later Server; all are stopped at the end."""
+    from tests.harness import Server, server_env  # the harness imports this module
+
+    made: list[Server] = []
+
+    def make(redis_url: str, database_url: str | None = None, **env: str) -> Server:
+        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path)
+        made.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.stop()

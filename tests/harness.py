@@ -20,6 +20,7 @@ import httpx
 
 from preorder.embedded import free_port
 from tests.conftest import ADMIN, SECRET, bearer
+from tests.invariants import record_created
 
 T = TypeVar("T")
 PREORDER = Path(sys.executable).with_name("preorder")
@@ -121,7 +122,8 @@ class Server:
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=kw.pop("max_connections", 100), max_keepalive_connections=100)
-        return httpx.AsyncClient(base_url=self.url, timeout=kw.pop("timeout", 30), limits=limits, **kw)
+        return httpx.AsyncClient(base_url=self.url, timeout=kw.pop("timeout", 30), limits=limits,
+                                 event_hooks={"response": [record_created]}, **kw)
 
 
 # ---- a TCP proxy between the app and PostgreSQL -------------------------------------------------------
@@ -212,6 +214,26 @@ class PgProxy:
             for w in (dst, peer):
                 w.transport.abort()
                 self._open.discard(w)
+
+
+class RedisProxy(PgProxy):
+    """The same proxy in front of a Redis server, whose target can be switched: what Sentinel's failover or a
+    floating address does for the app, which keeps its one PREORDER_REDIS_URL."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__("")
+        self.target_port = target_port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def retarget(self, port: int) -> None:
+        self.target_port = port
+        self.restore()  # every open connection goes to the old server: drop them
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.target_port)
 
 
 # ---- traffic --------------------------------------------------------------------------------------------

@@ -21,14 +21,7 @@ from preorder.stock.keys import product_keys
 from preorder.stock.service import _script
 from tests.conftest import make_settings, redis_client, reset_command_stats
 from tests.harness import Traffic, burst, new_product
-from tests.invariants import assert_invariants
-from tests.test_faults import (  # noqa: F401 (servers_for is a fixture)
-    _pg_reserved,
-    burst_with_faults,
-    ordering_hot,
-    servers_for,
-    settled,
-)
+from tests.test_faults import _pg_reserved, burst_with_faults, ordering_hot, settled
 
 pytestmark = pytest.mark.faults
 
@@ -108,8 +101,13 @@ async def test_one_turn_of_asks_for_products_on_every_node_is_one_script_call_pe
         assert int(await cluster_client.hget(product_keys(pid).stock, "reserved")) == 20
 
 
-async def test_a_primary_killed_under_load_fails_over_to_its_replica_and_never_oversells(
-        db, cluster, cluster_client, servers_for):  # noqa: F811
+async def test_a_primary_killed_under_load_fails_over_to_its_replica_and_keeps_every_invariant(
+        db, cluster, cluster_client, servers_for):
+    """Replication is asynchronous: the promoted replica may lack holds its primary acknowledged. PostgreSQL's
+    sold counter refuses any oversell meanwhile, and the app's watch of every primary's run id and replication
+    id sees the failover and rebuilds the loaded products, so Redis agrees with PostgreSQL again (I2)."""
+    before = await cache.identity(cluster_client)
+    assert before.count("=") == 3, "one identity per primary"
     async with ordering_hot(servers_for(cluster.url), total_stock=100_000, workers=20) as (_, traffic):
         await traffic.reached(150)
         victim = _process(cluster, owner(cluster_client, "HOT"))
@@ -121,11 +119,12 @@ async def test_a_primary_killed_under_load_fails_over_to_its_replica_and_never_o
     assert traffic.statuses()[503] > 0, "the failover was noticed"
     await asyncio.to_thread(cluster.wait_healthy)
     assert await _slot_owner_port(cluster_client) != victim.port, "the replica took the slot over"
-    await assert_invariants(db, cluster_client, created=traffic.created, settled=False)  # I1, I3
+    assert await cache.identity(cluster_client) != before
+    await settled(db, cluster_client, traffic)
 
 
 async def test_flushall_on_the_node_of_a_hot_product_rebuilds_it_and_spares_the_others(
-        db, cluster, cluster_client, servers_for):  # noqa: F811
+        db, cluster, cluster_client, servers_for):
     hot_node = owner(cluster_client, "HOT")
     cold = next(pid for pid in (f"C{i}" for i in range(1000)) if owner(cluster_client, pid) != hot_node)
 
@@ -149,7 +148,7 @@ async def test_flushall_on_the_node_of_a_hot_product_rebuilds_it_and_spares_the_
 
 
 async def test_a_slot_migrated_under_load_answers_503_or_201_and_loses_no_order(
-        db, cluster, cluster_client, servers_for):  # noqa: F811
+        db, cluster, cluster_client, servers_for):
     async with ordering_hot(servers_for(cluster.url), total_stock=100_000, workers=20) as (_, traffic):
         await traffic.reached(100)
         src = owner(cluster_client, "HOT")

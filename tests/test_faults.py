@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import httpx
@@ -16,11 +15,10 @@ import pytest
 
 from preorder import db as dbmod
 from preorder.cache import RedisClient
-from preorder.embedded import EmbeddedRedis, EmbeddedRedisCluster
 from preorder.stock.keys import product_keys
 from preorder.stock.service import Stock
 from preorder.workers.reconciler import settle_all
-from tests.conftest import ON_CLUSTER, bearer, embedded_redis, make_product, make_settings, redis_client, serving
+from tests.conftest import ON_CLUSTER, bearer, make_product, make_settings, serving
 from tests.harness import (
     PgProxy,
     Server,
@@ -28,7 +26,6 @@ from tests.harness import (
     burst,
     eventually,
     new_product,
-    server_env,
     steady,
 )
 from tests.invariants import assert_invariants
@@ -167,42 +164,6 @@ async def _holds_at_least(redis: RedisClient, n: int, product_id: str = "P1001")
 
 
 # ---- real processes ---------------------------------------------------------------------------------------
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis | EmbeddedRedisCluster]:
-    """A redis-server of this test alone, without persistence: killing it loses every key. (With
-    PREORDER_TEST_REDIS_CLUSTER=1, a Redis Cluster of this test alone.)"""
-    server = embedded_redis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def own_redis_client(own_redis: EmbeddedRedis | EmbeddedRedisCluster) -> AsyncIterator[RedisClient]:
-    client = redis_client(own_redis.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def servers_for(tmp_path: Path, settings) -> Iterator[object]:
-    """make(redis_url, database_url=None, **env) -> a started-later Server; all are stopped at the end."""
-    made: list[Server] = []
-
-    def make(redis_url: str, database_url: str | None = None, **env: str) -> Server:
-        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path)
-        made.append(server)
-        return server
-
-    try:
-        yield make
-    finally:
-        for s in made:
-            s.stop()
-
 
 async def settled(db: asyncpg.Connection, redis: RedisClient, traffic: Traffic) -> None:
     """I1 and I3 at once; I2 once the running app's reconciler has settled the holds left behind."""

@@ -204,6 +204,8 @@ class OrdersMachine(RuleBasedStateMachine):
 
     @invariant()
     def i1_to_i5(self) -> None:
+        for pid in PRODUCTS:  # after lose_redis, loading is the rebuild from PostgreSQL, and I2 then checks it
+            assert self.run(self.client.get(f"/api/products/{pid}")).status_code == 200
         self.run(assert_invariants(self.db, self.redis, created=list(self.model.orders)))
 
 

@@ -2,8 +2,8 @@
 
 `PREORDER_REDIS_URL` names one Redis (`redis://host:port/db`) or a Redis Cluster
 (`redis+cluster://[user:password@]host:port[,host:port...]`: any reachable nodes; the client discovers the rest).
-The code is written against what both clients share (RedisClient); the one place that must know which it is
-(whose clock a script stamped with) is `clock_ms` here."""
+The code is written against what both clients share (RedisClient); the places that must know which it is
+(whose clock a script stamped with, which servers hold the data) are `clock_ms` and `identity` here."""
 
 from __future__ import annotations
 
@@ -83,3 +83,20 @@ async def clock_ms(redis: RedisClient, key: str) -> int:
     else:
         seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def identity(redis: RedisClient) -> str:
+    """Which Redis servers hold the data: each one's run id (new at every start) and replication id (new at every
+    promotion). On a cluster, every primary's, so a failover of any primary changes it."""
+    if not isinstance(redis, RedisCluster):
+        return await _node_identity(redis)
+    await redis.initialize()  # a no-op unless an error (a node down) marked the topology for a refresh
+    primaries = sorted(redis.get_primaries(), key=lambda node: node.name)
+    return ",".join([f"{node.name}={await _node_identity(redis, node)}" for node in primaries])
+
+
+async def _node_identity(redis: RedisClient, node: ClusterNode | None = None) -> str:
+    target = {} if node is None else {"target_nodes": node}
+    server = await redis.info("server", **target)
+    replication = await redis.info("replication", **target)
+    return f"{server['run_id']}/{replication['master_replid']}"

@@ -69,7 +69,7 @@ class EmbeddedRedis:
     persist: bool = True
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
-    extra_args: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()  # e.g. ("--replicaof", "127.0.0.1", "6379") for the tests' replica
 
     @property
     def url(self) -> str:

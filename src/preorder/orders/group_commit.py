@@ -9,11 +9,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
+from preorder.orders.repository import NewOrder, Written
 
-from preorder.orders.repository import NewOrder
-
-Write = Callable[[list[NewOrder]], Awaitable[dict[uuid.UUID, asyncpg.Record]]]
+Write = Callable[[list[NewOrder]], Awaitable[dict[uuid.UUID, Written]]]
 
 
 class GroupCommit:
@@ -22,8 +20,8 @@ class GroupCommit:
         self._queue: list[tuple[NewOrder, asyncio.Future[Any]]] = []
         self._inflight: set[asyncio.Task[None]] = set()
 
-    async def submit(self, new: NewOrder) -> asyncpg.Record | None:
-        """The stored row, or None when the fence refused it. Errors are the batch's, shared by its orders."""
+    async def submit(self, new: NewOrder) -> Written:
+        """The stored row, or why it was refused. Errors are the batch's, shared by its orders."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((new, future))
         self._start()
@@ -56,4 +54,4 @@ class GroupCommit:
             return
         for new, future in batch:
             if not future.done():
-                future.set_result(rows.get(new.order_id))
+                future.set_result(rows[new.order_id])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,18 +54,31 @@ WITH p AS (
     INSERT INTO idempotency_keys (user_id, key, fingerprint, order_id, expires_at)
     SELECT $3::text, $7::text, $8::text, id, now() + make_interval(secs => $9::int) FROM o WHERE $7::text IS NOT NULL
 )
-SELECT {_COLUMNS} FROM o
+SELECT {_COLUMNS}, (SELECT $4::int > p.free FROM p) AS over_stock FROM (SELECT 1) AS one LEFT JOIN o ON TRUE
 """
 
 
-async def insert(conn: PoolOrConn, new: NewOrder) -> asyncpg.Record | None:
-    """None when a fence refused the write (stock rebuilt since the reservation, too late, or no stock left in
-    PostgreSQL's count)."""
-    return await conn.fetchrow(
+class Refused(enum.Enum):
+    """Why an order row was not written (the reservation must be given back)."""
+
+    FENCED = "fenced"  # the stock was rebuilt since the reservation (epoch), or the write deadline passed
+    # PostgreSQL's sold count has no room for it, though Redis granted it: Redis is behind (went back in time).
+    OVER_STOCK = "over_stock"
+
+
+Written = asyncpg.Record | Refused
+
+
+async def insert(conn: PoolOrConn, new: NewOrder) -> Written:
+    row = await conn.fetchrow(
         _INSERT,
         new.order_id, new.product_id, new.user_id, new.quantity, new.epoch, new.deadline,
         new.idempotency_key, new.fingerprint, new.idempotency_ttl_s,
     )
+    assert row is not None  # the statement always answers one row
+    if row["order_id"] is not None:
+        return row  # type: ignore[no-any-return]
+    return Refused.OVER_STOCK if row["over_stock"] else Refused.FENCED
 
 
 # Group commit: the same fences, row by row, for many orders in one statement and one WAL flush. Only orders
@@ -93,19 +107,26 @@ WITH i AS (
 ), e AS (
     INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
     SELECT id, NULL, 'pending', user_id, 'created' FROM o
+), over AS (
+    SELECT array_agg(f.id) AS over_stock FROM fenced f JOIN p ON p.id = f.product_id WHERE f.units_so_far > p.free
 )
-SELECT {_COLUMNS} FROM o
+SELECT {_COLUMNS}, over.over_stock FROM over LEFT JOIN o ON TRUE
 """
 
 
-async def insert_many(conn: PoolOrConn, news: list[NewOrder]) -> dict[uuid.UUID, asyncpg.Record]:
-    """The rows written, by order id; an order missing from the answer was refused by the fence."""
+async def insert_many(conn: PoolOrConn, news: list[NewOrder]) -> dict[uuid.UUID, Written]:
+    """Each order's row, or why it was refused."""
     rows = await conn.fetch(
         _INSERT_MANY,
         [n.order_id for n in news], [n.product_id for n in news], [n.user_id for n in news],
         [n.quantity for n in news], [n.epoch for n in news], [n.deadline for n in news],
     )
-    return {uuid.UUID(str(r["order_id"])): r for r in rows}
+    over_stock = set(rows[0]["over_stock"] or ())  # the statement always answers at least one row
+    written: dict[uuid.UUID, Written] = {r["order_id"]: r for r in rows if r["order_id"] is not None}
+    for n in news:
+        if n.order_id not in written:
+            written[n.order_id] = Refused.OVER_STOCK if n.order_id in over_stock else Refused.FENCED
+    return written
 
 
 async def get(conn: PoolOrConn, order_id: uuid.UUID, *, user_id: str | None) -> asyncpg.Record | None:

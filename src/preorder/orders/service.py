@@ -136,7 +136,7 @@ class Orders:
     async def _write(self, new: repo.NewOrder) -> asyncpg.Record:
         """Write the order; on a failure that surely wrote nothing, give the reservation back at once."""
         try:
-            row = await self._insert(new)
+            written = await self._insert(new)
         except asyncpg.UniqueViolationError:
             await self.stock.release(new.product_id, new.order_id)
             raise
@@ -145,18 +145,24 @@ class Orders:
             log.warning("order write failed, reservation released: %r", exc)
             await self.stock.release(new.product_id, new.order_id)
             raise Unavailable("The order store is unavailable; retry") from exc
-        if row is None:
+        if written is repo.Refused.FENCED:
             await self.stock.release(new.product_id, new.order_id)
             raise Unavailable("Stock was rebuilt while ordering; retry")
-        return row
+        if written is repo.Refused.OVER_STOCK:
+            # Redis granted units PostgreSQL has already sold: it went back in time. Rebuild it now, not at the
+            # next reconcile pass; the client's retry is answered from the rebuilt counters.
+            await self.stock.release(new.product_id, new.order_id)
+            self.stock.rebuild_behind(new.product_id)
+            raise Unavailable("Stock is being re-read from the order store; retry")
+        return written
 
-    async def _insert(self, new: repo.NewOrder) -> asyncpg.Record | None:
+    async def _insert(self, new: repo.NewOrder) -> repo.Written:
         if new.idempotency_key is None:
             return await self._group.submit(new)
         async with self._connection() as conn:
             return await _insert_or_unknown(conn, new)
 
-    async def _insert_many(self, news: list[repo.NewOrder]) -> dict[uuid.UUID, asyncpg.Record]:
+    async def _insert_many(self, news: list[repo.NewOrder]) -> dict[uuid.UUID, repo.Written]:
         async with self._connection() as conn:
             try:
                 return await repo.insert_many(conn, news)
@@ -249,7 +255,7 @@ class Orders:
         return len(rows)
 
 
-async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> asyncpg.Record | None:
+async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> repo.Written:
     try:
         return await repo.insert(conn, new)
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError):

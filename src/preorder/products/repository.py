@@ -40,11 +40,8 @@ async def page(pool: PgPool, *, after: str | None, limit: int) -> list[asyncpg.R
 
 
 async def live_reserved(conn: PgConn, product_id: str) -> int:
-    value = await conn.fetchval(
-        "SELECT COALESCE(SUM(quantity), 0) FROM orders WHERE product_id = $1 AND status <> 'cancelled'",
-        product_id,
-    )
-    return int(value)
+    """The units the product's orders hold: the sold counter its triggers keep (migration 0003)."""
+    return int(await conn.fetchval("SELECT sold FROM products WHERE id = $1", product_id) or 0)
 
 
 async def update(conn: PgConn, product_id: str, changes: dict[str, Any]) -> asyncpg.Record:

@@ -53,7 +53,12 @@ async def order_statuses(conn: PgConn | PgPool, ids: list[uuid.UUID]) -> dict[uu
 
 
 async def epochs(pool: PgPool) -> list[asyncpg.Record]:
-    return await pool.fetch("SELECT id, stock_epoch FROM products ORDER BY id")
+    """Per product: its stock epoch and the units its orders hold (the sold counter, migration 0003)."""
+    return await pool.fetch("SELECT id, stock_epoch, sold FROM products ORDER BY id")
+
+
+async def sold(pool: PgPool, product_id: str) -> int:
+    return int(await pool.fetchval("SELECT sold FROM products WHERE id = $1", product_id) or 0)
 
 
 async def database_now(pool: PgPool) -> datetime:
@@ -77,10 +82,5 @@ async def settled_since(
 
 
 async def live_totals(pool: PgPool) -> list[asyncpg.Record]:
-    """Per product: total_stock, stock_epoch and the reserved quantity PostgreSQL knows of (for reconcile)."""
-    return await pool.fetch(
-        """SELECT p.id, p.total_stock, p.stock_epoch,
-                  COALESCE(SUM(o.quantity) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS reserved
-           FROM products p LEFT JOIN orders o ON o.product_id = p.id
-           GROUP BY p.id ORDER BY p.id"""
-    )
+    """Per product: total_stock, stock_epoch and the units its orders hold (for reconcile)."""
+    return await pool.fetch("SELECT id, total_stock, stock_epoch, sold AS reserved FROM products ORDER BY id")

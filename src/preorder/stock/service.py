@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from redis.exceptions import ResponseError
 
+from preorder import cache
 from preorder.cache import RedisClient
 from preorder.db import PgConn, PgPool
 from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
@@ -132,6 +133,8 @@ class Stock:
         self._settle = redis.register_script(_script("release.lua"))
         self._load = redis.register_script(_script("load.lua"))
         self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._behind: dict[str, asyncio.Task[None]] = {}  # products being rebuilt because Redis fell behind
+        self.rebuilds_behind = 0  # how often Redis was found behind PostgreSQL (went back in time)
 
     async def reserve(self, ask: Ask) -> Reservation:
         """Reserve, loading the product from PostgreSQL first if Redis has no counters for it. The in-process
@@ -244,6 +247,28 @@ class Stock:
         async for oid, value in self.redis.hscan_iter(product_keys(product_id).holds, count=1000):
             found.append(parse_hold(oid, value))
         return found
+
+    async def identity(self) -> str:
+        """Which Redis this is: its run id (new at every start) and replication id (new at every promotion); on
+        a cluster, every primary's."""
+        return await cache.identity(self.redis)
+
+    def rebuild_behind(self, product_id: str) -> None:
+        """Redis granted stock that PostgreSQL has sold: its counters went back in time (a replica promoted, a
+        restore, a lost AOF second). Rebuild the product in the background, once however many writes saw it."""
+        if product_id in self._behind:
+            return
+        self.rebuilds_behind += 1
+        log.error("Redis is behind PostgreSQL on %s (it went back in time): rebuilding it now", product_id)
+        task = asyncio.create_task(self._rebuild_logged(product_id))
+        self._behind[product_id] = task
+        task.add_done_callback(lambda _: self._behind.pop(product_id, None))
+
+    async def _rebuild_logged(self, product_id: str) -> None:
+        try:
+            await self.rebuild(product_id)
+        except Exception:  # the reconciler's pass finds it again
+            log.exception("rebuilding %s failed", product_id)
 
     async def ensure_loaded(self, product_id: str) -> None:
         """Fail closed while exactly one loader (per process, and across processes by the row lock) rebuilds."""

@@ -8,18 +8,20 @@ import time
 
 from preorder.orders import repository as order_repo
 from preorder.orders.service import Orders
-from preorder.workers.reconciler import Reconciler
+from preorder.workers.reconciler import Reconciler, RedisWatch
 
 log = logging.getLogger("preorder.workers")
 
 
-async def run_once(orders: Orders, reconciler: Reconciler | None) -> None:
+async def run_once(orders: Orders, reconciler: Reconciler | None, watch: RedisWatch | None = None) -> None:
+    if watch is not None:
+        await watch.check()  # first: a Redis that went back in time is rebuilt before anything reads it
     expired = await orders.expire_due()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
     if reconciler is not None:
         settled = await reconciler.run()
-        if settled.released or settled.dropped or settled.orphans or settled.rebuilt:
+        if settled.released or settled.dropped or settled.orphans or settled.rebuilt or settled.behind:
             log.warning("settled holds: %s", settled)
         await order_repo.purge_idempotency(orders.pool, limit=1000)
 
@@ -28,11 +30,12 @@ async def run_forever(orders: Orders) -> None:
     settings = orders.settings
     reconciler = Reconciler(orders.stock, orphan_hold_s=settings.orphan_hold_s,
                             full_interval_s=settings.reconcile_full_interval_s)
+    watch = RedisWatch(orders.stock)
     next_reconcile = 0.0
     while True:
         try:
             due = time.monotonic() >= next_reconcile
-            await run_once(orders, reconciler if due else None)
+            await run_once(orders, reconciler if due else None, watch)
             if due:
                 next_reconcile = time.monotonic() + orders.settings.reconcile_interval_s
         except asyncio.CancelledError:

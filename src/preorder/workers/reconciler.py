@@ -36,6 +36,7 @@ class Settled:
     orphans: int = 0
     young_unwritten: int = 0
     rebuilt: int = 0
+    behind: int = 0  # products whose Redis counters were below PostgreSQL's: Redis went back in time
 
     def add(self, other: Settled) -> None:
         for f in fields(self):
@@ -131,22 +132,64 @@ async def settle_recent(stock: Stock, *, since: datetime, orphan_hold_s: float) 
 
 
 async def _current_products(stock: Stock, done: Settled) -> list[str]:
-    """The products loaded in Redis at PostgreSQL's epoch; a product whose load never landed is rebuilt."""
+    """The products loaded in Redis at PostgreSQL's epoch and not behind it; the others are rebuilt."""
     current = []
     products = await stock_repo.epochs(stock.pool)
     for r in products:
         pid = r["id"]
-        epoch = await stock.redis.hget(product_keys(pid).stock, "epoch")
-        if epoch is None:
+        epoch, reserved = await stock.redis.hmget(product_keys(pid).stock, ["epoch", "reserved"])
+        if epoch is None or reserved is None:
             continue  # not loaded: the loader rebuilds it from PostgreSQL when it is next used
         if int(epoch) < r["stock_epoch"]:
             # The loader was killed (or lost Redis) between its commit and its load: until Redis is rebuilt,
             # the fence refuses every write. (A loader just between the two finds its load superseded: harmless.)
             await stock.rebuild(pid)
             done.rebuilt += 1
-            continue
-        current.append(pid)
+        elif await _behind(stock, pid, redis_reserved=int(reserved), sold_before=r["sold"]):
+            await stock.rebuild(pid)
+            done.behind += 1
+        else:
+            current.append(pid)
     return current
+
+
+async def _behind(stock: Stock, product_id: str, *, redis_reserved: int, sold_before: int) -> bool:
+    """Redis reserves before PostgreSQL writes, and PostgreSQL cancels before Redis releases, so Redis's
+    `reserved` is never below PostgreSQL's `sold` at any one instant, unless Redis lost acknowledged writes.
+    The two are read at different moments, so PostgreSQL is read on both sides of the Redis read and Redis must
+    be below both: only a cancel and a create of this product landing in the milliseconds between the reads can
+    still raise a false alarm, and a false alarm costs one rebuild."""
+    if redis_reserved >= sold_before:
+        return False
+    if redis_reserved >= await stock_repo.sold(stock.pool, product_id):
+        return False
+    log.error("Redis holds %d units of %s, PostgreSQL's orders %d: Redis went back in time, rebuilding",
+              redis_reserved, product_id, sold_before)
+    return True
+
+
+class RedisWatch:
+    """Notices that Redis is another server, or the same one restarted or promoted (its run id or replication id
+    changed): it may have come back from a snapshot or an asynchronous replica, with acknowledged holds missing.
+    Every loaded product is then rebuilt from PostgreSQL at once, without waiting for a write to be refused."""
+
+    def __init__(self, stock: Stock) -> None:
+        self.stock = stock
+        self._seen: str | None = None
+
+    async def check(self) -> int:
+        """How many products were rebuilt (0 when Redis is the one seen last time)."""
+        now = await self.stock.identity()
+        changed, self._seen = self._seen is not None and now != self._seen, now
+        if not changed:
+            return 0
+        log.error("Redis changed identity (restarted, restored or failed over): rebuilding every loaded product")
+        rebuilt = 0
+        for r in await stock_repo.epochs(self.stock.pool):
+            if await self.stock.redis.exists(product_keys(r["id"]).stock):
+                await self.stock.rebuild(r["id"])
+                rebuilt += 1
+        return rebuilt
 
 
 class Reconciler:
