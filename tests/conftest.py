@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -168,7 +168,15 @@ async def make_product(client: httpx.AsyncClient, pid: str = "P1001", **fields: 
 def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis | EmbeddedRedisCluster]:
     """A redis-server of this test alone, without persistence: killing it loses every key. (With
     PREORDER_TEST_REDIS_CLUSTER=1, a Redis Cluster of this test alone.)"""
-    server = embedded_redis(tmp_path / "redis")
+    with running(embedded_redis(tmp_path / "redis")) as server:
+        yield server
+
+
+R = TypeVar("R", EmbeddedRedis, EmbeddedRedisCluster)
+
+
+@contextlib.contextmanager
+def running(server: R) -> Iterator[R]:
     server.start()
     try:
         yield server

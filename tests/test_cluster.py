@@ -19,7 +19,7 @@ from preorder.embedded import EmbeddedRedis, EmbeddedRedisCluster
 from preorder.stock.batching import ScriptBatcher
 from preorder.stock.keys import product_keys
 from preorder.stock.service import _script
-from tests.conftest import make_settings, redis_client, reset_command_stats
+from tests.conftest import make_settings, redis_client, reset_command_stats, running
 from tests.harness import Traffic, burst, new_product
 from tests.test_faults import _pg_reserved, burst_with_faults, ordering_hot, settled
 
@@ -29,12 +29,8 @@ pytestmark = pytest.mark.faults
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[EmbeddedRedisCluster]:
     """A cluster of this test alone: some tests kill its nodes or move its slots."""
-    started = EmbeddedRedisCluster(tmp_path / "cluster")
-    started.start()
-    try:
+    with running(EmbeddedRedisCluster(tmp_path / "cluster")) as started:
         yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture
@@ -85,20 +81,36 @@ async def test_one_turn_of_asks_for_products_on_every_node_is_one_script_call_pe
     for pid in products:
         await cluster_client.hset(product_keys(pid).stock, mapping={
             "epoch": 1, "total": 1000, "reserved": 0, "starts": 0, "ends": 0, "limit": 0})
-    await reset_command_stats(cluster_client)  # the script is not loaded yet: the first call meets NOSCRIPT
 
-    def ask(pid: str, i: int) -> asyncio.Future[Any]:
-        k = product_keys(pid)
-        head = (k.scripts, (1_000_000, 1_000_000, 1000))
-        return batcher(head, keys=[k.rate_user(f"u{i}"), k.rate_client("c")], args=[f"order-{pid}-{i}", 1, f"u{i}"])
+    async def one_turn(turn: int) -> None:
+        def ask(pid: str, i: int) -> asyncio.Future[Any]:
+            k = product_keys(pid)
+            head = (k.scripts, (1_000_000, 1_000_000, 1000))
+            keys = [k.rate_user(f"u{i}"), k.rate_client("c")]
+            return batcher(head, keys=keys, args=[f"order-{pid}-{turn}-{i}", 1, f"u{i}"])
 
-    answers = await asyncio.gather(*(ask(pid, i) for pid in products for i in range(20)))
-    assert [a[0] for a in answers] == [b"OK"] * len(answers)
-    for primary in cluster_client.get_primaries():
-        stats = await cluster_client.info("commandstats", target_nodes=primary)
-        assert stats["cmdstat_evalsha"]["calls"] == 2 * 2, "NOSCRIPT, then one call for each of its 2 products"
+        await reset_command_stats(cluster_client)
+        answers = await asyncio.gather(*(ask(pid, i) for pid in products for i in range(20)))
+        assert [a[0] for a in answers] == [b"OK"] * len(answers)
+
+    await one_turn(1)  # the script is not loaded yet: every node answers NOSCRIPT first
+    assert await _evalsha_calls(cluster_client) == {p: 2 + 2 for p in spread}, "NOSCRIPT, then 1 per product"
+    await one_turn(2)
+    assert await _evalsha_calls(cluster_client) == {p: 2 for p in spread}, "one call per product"
+    flushed = cluster_client.get_primaries()[0]
+    await cluster_client.execute_command("SCRIPT FLUSH", target_nodes=flushed)  # one node forgets the script
+    await one_turn(3)
+    assert (await _evalsha_calls(cluster_client))[flushed.name] == 2 + 2, "that node's calls ran again once"
     for pid in products:
-        assert int(await cluster_client.hget(product_keys(pid).stock, "reserved")) == 20
+        assert int(await cluster_client.hget(product_keys(pid).stock, "reserved")) == 60
+
+
+async def _evalsha_calls(client: RedisCluster) -> dict[str, int]:
+    calls = {}
+    for primary in client.get_primaries():
+        stats = await client.info("commandstats", target_nodes=primary)
+        calls[primary.name] = int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return calls
 
 
 async def test_a_primary_killed_under_load_fails_over_to_its_replica_and_keeps_every_invariant(
@@ -141,10 +153,10 @@ async def test_flushall_on_the_node_of_a_hot_product_rebuilds_it_and_spares_the_
         traffic.assert_only({201, 409, 503})
         traffic.assert_503s_are_problems()
         assert sum(traffic.created.values()) <= 300
+        r = (await c.get("/api/products/HOT")).json()  # its first use since the flush loads it
+        assert r["reserved"] == await _pg_reserved(db, "HOT"), "rebuilt from PostgreSQL"
         traffic.created.update(cold_traffic.created)
         await settled(db, cluster_client, traffic)
-        r = (await c.get("/api/products/HOT")).json()
-        assert r["reserved"] == await _pg_reserved(db, "HOT"), "rebuilt from PostgreSQL"
 
 
 async def test_a_slot_migrated_under_load_answers_503_or_201_and_loses_no_order(
