@@ -1,5 +1,8 @@
 """Real PostgreSQL and Redis for every test: embedded ones (pip-installed binaries) by default, or the servers
-named by PREORDER_TEST_DATABASE_URL / PREORDER_TEST_REDIS_URL when set. No mocks of either anywhere."""
+named by PREORDER_TEST_DATABASE_URL / PREORDER_TEST_REDIS_URL when set. No mocks of either anywhere.
+
+PREORDER_TEST_REDIS_CLUSTER=1 runs the same tests against a real Redis Cluster instead (3 primaries + 3
+replicas on loopback, from the same redis-server binary); CI runs the stock, fault and stateful suites so."""
 
 from __future__ import annotations
 
@@ -8,23 +11,25 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from fastapi import FastAPI
+from redis.asyncio.cluster import RedisCluster
 
-from preorder import migrate
+from preorder import cache, migrate
 from preorder.app import create_app
 from preorder.auth import mint_token
+from preorder.cache import RedisClient
 from preorder.db import asyncpg_dsn
-from preorder.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis
+from preorder.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
 from preorder.settings import Settings
 from tests.invariants import ANSWERED, record_created
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+ON_CLUSTER = os.environ.get("PREORDER_TEST_REDIS_CLUSTER", "") == "1"
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +44,7 @@ def servers() -> Iterator[tuple[str, str]]:
                 started.append(pg)
                 db_url = pg.start()
             if not redis_url:
-                rd = EmbeddedRedis(Path(tmp) / "redis", persist=False)
+                rd = embedded_redis(Path(tmp) / "redis")
                 started.append(rd)
                 redis_url = rd.start()
             migrate.upgrade(db_url)
@@ -62,6 +67,30 @@ def nats_url() -> Iterator[str]:
             yield server.start()
         finally:
             server.stop()
+def embedded_redis(data_dir: Path) -> EmbeddedRedis | EmbeddedRedisCluster:
+    """One redis-server without persistence, or (PREORDER_TEST_REDIS_CLUSTER=1) a 3 + 3 node cluster."""
+    return EmbeddedRedisCluster(data_dir) if ON_CLUSTER else EmbeddedRedis(data_dir, persist=False)
+
+
+def redis_client(url: str) -> RedisClient:
+    """A client for a redis:// or redis+cluster:// URL, made the way the service makes its own."""
+    return cache.create_redis(Settings(env="test", database_url="x", redis_url=url, redis_timeout_s=5))
+
+
+async def reset_command_stats(redis: RedisClient) -> None:
+    if isinstance(redis, RedisCluster):
+        await redis.config_resetstat(target_nodes=RedisCluster.ALL_NODES)
+    else:
+        await redis.config_resetstat()
+
+
+async def command_calls(redis: RedisClient, command: str) -> int:
+    """How often Redis ran `command` since reset_command_stats (on a cluster: summed over every node)."""
+    if isinstance(redis, RedisCluster):
+        stats = [await redis.info("commandstats", target_nodes=node) for node in redis.get_nodes()]
+    else:
+        stats = [await redis.info("commandstats")]
+    return sum(int(s.get(f"cmdstat_{command}", {}).get("calls", 0)) for s in stats)
 
 
 def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
@@ -96,15 +125,15 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+async def redis(settings: Settings) -> AsyncIterator[RedisClient]:
+    client = redis_client(settings.redis_url)
     await client.flushdb()
     yield client
     await client.aclose()
 
 
 @pytest.fixture
-async def app(settings: Settings, db: asyncpg.Connection, redis: aioredis.Redis) -> AsyncIterator[FastAPI]:
+async def app(settings: Settings, db: asyncpg.Connection, redis: RedisClient) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application
@@ -152,9 +181,18 @@ async def make_product(client: httpx.AsyncClient, pid: str = "P1001", **fields: 
 # ---- for the fault tests: servers of a test's own ------------------------------------------------------
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A redis-server of this test alone, without persistence: killing it loses every key."""
-    server = EmbeddedRedis(tmp_path / "redis", persist=False)
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis | EmbeddedRedisCluster]:
+    """A redis-server of this test alone, without persistence: killing it loses every key. (With
+    PREORDER_TEST_REDIS_CLUSTER=1, a Redis Cluster of this test alone.)"""
+    with running(embedded_redis(tmp_path / "redis")) as server:
+        yield server
+
+
+R = TypeVar("R", EmbeddedRedis, EmbeddedRedisCluster)
+
+
+@contextlib.contextmanager
+def running(server: R) -> Iterator[R]:
     server.start()
     try:
         yield server
@@ -163,8 +201,8 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-async def own_redis_client(own_redis: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(own_redis.url)
+async def own_redis_client(own_redis: EmbeddedRedis | EmbeddedRedisCluster) -> AsyncIterator[RedisClient]:
+    client = redis_client(own_redis.url)
     yield client
     await client.aclose()
 

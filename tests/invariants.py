@@ -9,8 +9,8 @@ from typing import Any
 
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
 
+from preorder.cache import RedisClient
 from preorder.stock.keys import product_keys
 from preorder.stock.service import parse_hold
 
@@ -34,7 +34,7 @@ async def record_created(response: httpx.Response) -> None:
 
 async def assert_invariants(
     db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
     *,
     created: Iterable[str] | Mapping[str, int] = (),
     settled: bool = True,
@@ -74,7 +74,7 @@ async def _assert_created(db: asyncpg.Connection, given: Iterable[str] | Mapping
     assert not wrong, f"I3 stored quantity differs from the 201 answer: {wrong}"
 
 
-async def _assert_holds_match(db: asyncpg.Connection, redis: aioredis.Redis, product_id: str) -> None:
+async def _assert_holds_match(db: asyncpg.Connection, redis: RedisClient, product_id: str) -> None:
     holds_key, users_key = product_keys(product_id).holds, product_keys(product_id).users
     holds = {str(h.order_id): (h.quantity, h.user_id)
              for h in (parse_hold(k, v) for k, v in (await redis.hgetall(holds_key)).items())}

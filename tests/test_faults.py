@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from preorder import db as dbmod
+from preorder.cache import RedisClient
 from preorder.stock.keys import product_keys
 from preorder.stock.service import Stock
 from preorder.workers.reconciler import settle_all
-from tests.conftest import bearer, make_product, make_settings, serving
+from tests.conftest import ON_CLUSTER, bearer, make_product, make_settings, serving
 from tests.harness import (
     PgProxy,
     Server,
@@ -57,7 +57,7 @@ def assert_retryable_problem(r: httpx.Response) -> None:
     assert r.json()["status"] == 503
 
 
-async def assert_nothing_held(redis: aioredis.Redis, product_id: str = "P1001") -> None:
+async def assert_nothing_held(redis: RedisClient, product_id: str = "P1001") -> None:
     k = product_keys(product_id)
     stock, holds, users = k.stock, k.holds, k.users
     assert int(await redis.hget(stock, "reserved")) == 0
@@ -157,7 +157,7 @@ async def test_a_rebuild_whose_load_never_landed_is_healed_by_the_reconciler(app
     await assert_invariants(db, redis, created=[r.json()["order_id"]])
 
 
-async def _holds_at_least(redis: aioredis.Redis, n: int, product_id: str = "P1001") -> None:
+async def _holds_at_least(redis: RedisClient, n: int, product_id: str = "P1001") -> None:
     assert await redis.hlen(product_keys(product_id).holds) >= n
 
 
@@ -165,7 +165,7 @@ async def _holds_at_least(redis: aioredis.Redis, n: int, product_id: str = "P100
 
 # ---- real processes ---------------------------------------------------------------------------------------
 
-async def settled(db: asyncpg.Connection, redis: aioredis.Redis, traffic: Traffic) -> None:
+async def settled(db: asyncpg.Connection, redis: RedisClient, traffic: Traffic) -> None:
     """I1 and I3 at once; I2 once the running app's reconciler has settled the holds left behind."""
     await assert_invariants(db, redis, created=traffic.created, settled=False)
     await eventually(lambda: assert_invariants(db, redis, created=traffic.created), within=SETTLE_S, interval=0.2)
@@ -227,6 +227,7 @@ async def test_script_flush_in_the_middle_of_500_creates(db, own_redis, own_redi
 
 
 @pytest.mark.faults
+@pytest.mark.skipif(ON_CLUSTER, reason="one server restarted empty; tests/test_cluster.py kills a primary")
 async def test_redis_restarted_empty_in_the_middle_of_load(db, own_redis, own_redis_client, servers_for):
     async with ordering_hot(servers_for(own_redis.url), total_stock=400, workers=20) as (_, traffic):
         await traffic.reached(150)
@@ -274,13 +275,13 @@ async def test_kill_9_mid_load_then_restart_releases_orphan_holds(db, own_redis,
     assert left == [None] * len(orphans), "the restarted process's reconciler released every orphan hold"
 
 
-async def _unwritten_holds(db: asyncpg.Connection, redis: aioredis.Redis) -> set[str]:
+async def _unwritten_holds(db: asyncpg.Connection, redis: RedisClient) -> set[str]:
     held = {k.decode() for k in await redis.hkeys(product_keys("HOT").holds)}
     written = {str(r["id"]) for r in await db.fetch("SELECT id FROM orders WHERE id = ANY($1::uuid[])", held)}
     return held - written
 
 
-async def _unwritten_holds_at_least(db: asyncpg.Connection, redis: aioredis.Redis, n: int) -> None:
+async def _unwritten_holds_at_least(db: asyncpg.Connection, redis: RedisClient, n: int) -> None:
     assert len(await _unwritten_holds(db, redis)) >= n
 
 

@@ -8,11 +8,11 @@ import random
 import uuid
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from preorder.cache import RedisClient
 from preorder.stock.batching import ScriptBatcher
 from preorder.stock.keys import product_keys
 from preorder.stock.service import _script
+from tests.conftest import command_calls, reset_command_stats
 
 LIMITS = (4, 9, 60_000)  # per customer, per address, window ms: small, so batches cross them
 
@@ -22,7 +22,7 @@ def _head(product: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
     return (f"{tag}:stock", f"{tag}:holds", f"{tag}:users", f"{tag}:fresh"), LIMITS
 
 
-async def _load(redis: aioredis.Redis, product: str, *, total: int, limit: int) -> None:
+async def _load(redis: RedisClient, product: str, *, total: int, limit: int) -> None:
     await redis.hset(f"po:{{{product}}}:stock", mapping={
         "epoch": 1, "total": total, "reserved": 0, "starts": 0, "ends": 0, "limit": limit})
 
@@ -37,7 +37,7 @@ def _asks(rng: random.Random, product: str, n: int) -> list[tuple[list[str], lis
     return asks
 
 
-async def _state(redis: aioredis.Redis, product: str) -> dict[str, Any]:
+async def _state(redis: RedisClient, product: str) -> dict[str, Any]:
     tag = product_keys(product).tag
     holds = {k: v.rsplit(b":", 1)[0] for k, v in (await redis.hgetall(f"{tag}:holds")).items()}  # drop the time
     rates = {k.decode().rsplit(":", 2)[-1]: await redis.get(k) async for k in redis.scan_iter(f"{tag}:rl:*")}
@@ -56,7 +56,7 @@ def _comparable(answer: list[Any]) -> list[Any]:
     return answer
 
 
-async def test_a_batched_call_decides_exactly_what_one_call_per_ask_decides(redis: aioredis.Redis) -> None:
+async def test_a_batched_call_decides_exactly_what_one_call_per_ask_decides(redis: RedisClient) -> None:
     script = redis.register_script(_script("reserve.lua"))
     batcher = ScriptBatcher(redis, script)
     outcomes: set[bytes] = set()
@@ -81,13 +81,13 @@ async def test_a_batched_call_decides_exactly_what_one_call_per_ask_decides(redi
     assert outcomes >= {b"OK", b"OUT_OF_STOCK", b"USER_LIMIT", b"RATE_LIMITED", b"DUPLICATE"}, outcomes
 
 
-async def test_one_loop_turn_of_asks_is_one_script_call_per_product(redis: aioredis.Redis) -> None:
+async def test_one_loop_turn_of_asks_is_one_script_call_per_product(redis: RedisClient) -> None:
     script = redis.register_script(_script("reserve.lua"))
     await script(keys=[*_head("X")[0]], args=[*LIMITS])  # loads the script; no asks, no effect
     batcher = ScriptBatcher(redis, script, max_asks=64)
     for product in ("X", "Y"):
         await _load(redis, product, total=1000, limit=0)
-    await redis.config_resetstat()
+    await reset_command_stats(redis)
 
     def ask(product: str, i: int) -> asyncio.Future[Any]:
         tag = product_keys(product).tag
@@ -96,6 +96,6 @@ async def test_one_loop_turn_of_asks_is_one_script_call_per_product(redis: aiore
 
     answers = await asyncio.gather(*(ask("X", i) for i in range(100)), *(ask("Y", i) for i in range(10)))
     assert [a[0] for a in answers] == [b"OK"] * 110
-    calls = (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    calls = await command_calls(redis, "evalsha")
     assert calls == 3, "100 asks for X in calls of at most 64, and 10 for Y: three script calls"
     assert int(await redis.hget("po:{X}:stock", "reserved")) == 100

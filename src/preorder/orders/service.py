@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from preorder.auth import Principal
+from preorder.cache import RedisClient
 from preorder.db import PgConn, PgPool
 from preorder.errors import (
     BadRequest,
@@ -54,7 +54,7 @@ def owner_filter(principal: Principal) -> str | None:
 
 
 class Orders:
-    def __init__(self, *, pool: PgPool, redis: aioredis.Redis, stock: Stock, settings: Settings) -> None:
+    def __init__(self, *, pool: PgPool, redis: RedisClient, stock: Stock, settings: Settings) -> None:
         self.pool, self.redis, self.stock, self.settings = pool, redis, stock, settings
         # Few batches in flight, so each is large: every batch takes a FOR KEY SHARE lock on its products' rows,
         # and on a hot product concurrent ones turn into MultiXact work in PostgreSQL (measured, README).

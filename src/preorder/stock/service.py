@@ -15,9 +15,10 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, NoReturn
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from preorder import cache
+from preorder.cache import RedisClient
 from preorder.db import PgConn, PgPool
 from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
 from preorder.stock import repository as repo
@@ -122,7 +123,7 @@ class NotLoaded(Exception):
 
 
 class Stock:
-    def __init__(self, redis: aioredis.Redis, pool: PgPool, *, rate: RateLimits | None = None,
+    def __init__(self, redis: RedisClient, pool: PgPool, *, rate: RateLimits | None = None,
                  sold_out_ttl_s: float = 0.2) -> None:
         self.redis = redis
         self.pool = pool
@@ -248,10 +249,9 @@ class Stock:
         return found
 
     async def identity(self) -> str:
-        """Which Redis this is: its run id (new at every start) and replication id (new at every promotion)."""
-        info = await self.redis.info("server")
-        replication = await self.redis.info("replication")
-        return f"{info['run_id']}/{replication['master_replid']}"
+        """Which Redis this is: its run id (new at every start) and replication id (new at every promotion); on
+        a cluster, every primary's."""
+        return await cache.identity(self.redis)
 
     def rebuild_behind(self, product_id: str) -> None:
         """Redis granted stock that PostgreSQL has sold: its counters went back in time (a replica promoted, a

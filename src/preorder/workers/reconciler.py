@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
+from preorder.cache import clock_ms
 from preorder.stock import repository as stock_repo
 from preorder.stock.keys import product_keys
 from preorder.stock.service import Stock
@@ -58,7 +59,7 @@ async def settle_holds(stock: Stock, product_id: str, *, orphan_hold_s: float) -
 async def settle_fresh(stock: Stock, product_id: str, *, orphan_hold_s: float) -> Settled:
     """The fresh holds old enough to be judged: each has its order row by now, or never will (an orphan)."""
     done = Settled()
-    judged_before_ms = await _redis_now_ms(stock) - int(orphan_hold_s * 1000)
+    judged_before_ms = await _redis_now_ms(stock, product_id) - int(orphan_hold_s * 1000)
     async for page in stock.fresh_pages(product_id, reserved_before_ms=judged_before_ms):
         await _settle_page(stock, product_id, page, orphan_hold_s=orphan_hold_s, done=done)
         await stock.forget_fresh(product_id, [order_id for order_id, _ in page])  # settled: matched or freed
@@ -89,7 +90,7 @@ async def settle_changed(stock: Stock, *, since: datetime) -> Settled:
 async def _settle_page(
     stock: Stock, product_id: str, holds: list[Reserved], *, orphan_hold_s: float, done: Settled
 ) -> None:
-    now_ms = await _redis_now_ms(stock)
+    now_ms = await _redis_now_ms(stock, product_id)
     statuses = await stock_repo.order_statuses(stock.pool, [order_id for order_id, _ in holds])
     for order_id, reserved_at_ms in holds:
         status = statuses.get(order_id)
@@ -107,10 +108,9 @@ async def _count(settling: Any) -> int:
     return 1 if await settling else 0
 
 
-async def _redis_now_ms(stock: Stock) -> int:
-    # Redis's clock: the one the reserve script stamped the holds with.
-    seconds, micros = await stock.redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+async def _redis_now_ms(stock: Stock, product_id: str) -> int:
+    # Redis's clock, on the node that holds the product (on a cluster): the one reserve.lua stamped its holds with.
+    return await clock_ms(stock.redis, product_keys(product_id).stock)
 
 
 async def settle_all(stock: Stock, *, orphan_hold_s: float) -> Settled:
@@ -235,9 +235,9 @@ class Drift:
 
 async def compare(stock: Stock, *, orphan_hold_s: float) -> list[Drift]:
     out = []
-    now_ms = await _redis_now_ms(stock)
     for r in await stock_repo.live_totals(stock.pool):
         pid = r["id"]
+        now_ms = await _redis_now_ms(stock, pid)
         total, reserved, epoch = await stock.redis.hmget(product_keys(pid).stock, ["total", "reserved", "epoch"])
         holds = await stock.holds(pid) if total is not None else []
         statuses = await stock_repo.order_statuses(stock.pool, [h.order_id for h in holds])
