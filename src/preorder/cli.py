@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev.add_argument("--port", type=int, default=8000)
     serve = sub.add_parser("serve", help="production server (PREORDER_DATABASE_URL, PREORDER_REDIS_URL)")
     serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, help="default: PREORDER_PORT, else 8000")
     serve.add_argument("--workers", type=int, default=1)
     sub.add_parser("migrate", help="apply schema migrations to PREORDER_DATABASE_URL")
     rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for every product")
@@ -46,8 +46,9 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    Settings()  # refuse to start with unsafe or missing settings, before forking workers
-    uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+    settings = Settings()  # refuse to start with unsafe or missing settings, before forking workers
+    port = settings.port if args.port is None else args.port
+    uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=port, workers=args.workers,
                 loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10)
     return 0
 
