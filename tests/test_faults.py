@@ -1,6 +1,6 @@
 """I1-I4 under the faults DESIGN.md names, injected for real: a refused or stale order write (in process), Redis
 flushed, its scripts flushed, Redis restarted empty, the app killed with SIGKILL, PostgreSQL cut away, and two
-app processes on one hot product (real `preorder serve` subprocesses)."""
+app processes on one hot product (real `preorder serve` subprocesses: two of them, or one with --workers 2)."""
 
 from __future__ import annotations
 
@@ -186,11 +186,11 @@ async def own_redis_client(own_redis: EmbeddedRedis) -> AsyncIterator[aioredis.R
 
 @pytest.fixture
 def servers_for(tmp_path: Path, settings) -> Iterator[object]:
-    """make(redis_url, database_url=None, **env) -> a started-later Server; all are stopped at the end."""
+    """make(redis_url, database_url=None, workers=1, **env) -> a started-later Server; all are stopped at the end."""
     made: list[Server] = []
 
-    def make(redis_url: str, database_url: str | None = None, **env: str) -> Server:
-        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path)
+    def make(redis_url: str, database_url: str | None = None, workers: int = 1, **env: str) -> Server:
+        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path, workers)
         made.append(server)
         return server
 
@@ -366,14 +366,32 @@ async def _ready(c: httpx.AsyncClient, *, postgresql_ok: bool) -> None:
         assert body["redis"] == "ok"
 
 
+@contextlib.asynccontextmanager
+async def two_processes(servers_for: Callable[..., Server], redis_url: str, layout: str, **env: str
+                        ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Two app processes on one Redis and one PostgreSQL, started, and a client for each half of the load:
+    'serves' is two `preorder serve` (each client has its own), 'workers' is one `preorder serve --workers 2`
+    (both clients reach its one port, and the kernel hands each connection to one of the two workers)."""
+    if layout == "workers":
+        a = b = servers_for(redis_url, workers=2, **env)
+        await a.start()
+    else:
+        a, b = servers_for(redis_url, **env), servers_for(redis_url, **env)
+        await asyncio.gather(a.start(), b.start())
+    async with a.client() as ca, b.client() as cb:
+        yield ca, cb
+
+
+TWO_PROCESSES = pytest.mark.parametrize("layout", ["serves", "workers"])
+
+
 @pytest.mark.faults
-async def test_two_processes_on_one_hot_product_never_oversell(db, own_redis, own_redis_client, servers_for):
+@TWO_PROCESSES
+async def test_two_processes_on_one_hot_product_never_oversell(db, own_redis, own_redis_client, servers_for, layout):
     slow_safe = {"PREORDER_DB_STATEMENT_TIMEOUT_MS": "3000", "PREORDER_WRITE_DEADLINE_S": "20",
                  "PREORDER_ORPHAN_HOLD_S": "60"}
-    a, b = servers_for(own_redis.url, **slow_safe), servers_for(own_redis.url, **slow_safe)
-    await asyncio.gather(a.start(), b.start())
     traffic = Traffic()
-    async with a.client() as ca, b.client() as cb:
+    async with two_processes(servers_for, own_redis.url, layout, **slow_safe) as (ca, cb):
         await new_product(ca, "HOT", total_stock=200)
         done = asyncio.Event()
         watch = asyncio.create_task(_watch_never_over(db, "HOT", 200, done))
@@ -391,11 +409,11 @@ async def test_two_processes_on_one_hot_product_never_oversell(db, own_redis, ow
 
 
 @pytest.mark.faults
-async def test_two_processes_rebuilding_after_flushall_stay_exact(db, own_redis, own_redis_client, servers_for):
-    a, b = servers_for(own_redis.url), servers_for(own_redis.url)
-    await asyncio.gather(a.start(), b.start())
+@TWO_PROCESSES
+async def test_two_processes_rebuilding_after_flushall_stay_exact(db, own_redis, own_redis_client, servers_for,
+                                                                  layout):
     traffic = Traffic()
-    async with a.client() as ca, b.client() as cb:
+    async with two_processes(servers_for, own_redis.url, layout) as (ca, cb):
         await new_product(ca, "HOT", total_stock=300)
         load = asyncio.gather(burst(ca, traffic, product_id="HOT", count=250, concurrency=50),
                               burst(cb, traffic, product_id="HOT", count=250, concurrency=50))
