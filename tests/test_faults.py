@@ -21,6 +21,7 @@ from preorder.stock.service import Stock, keys
 from preorder.workers.reconciler import settle_all
 from tests.conftest import bearer, make_product, make_settings, serving
 from tests.harness import (
+    USERS,
     PgProxy,
     Server,
     Traffic,
@@ -424,6 +425,25 @@ async def test_two_processes_rebuilding_after_flushall_stay_exact(db, own_redis,
     traffic.assert_only({201, 409, 503})
     traffic.assert_503s_are_problems()
     await settled(db, own_redis_client, traffic)
+
+
+@pytest.mark.faults
+@TWO_PROCESSES
+async def test_one_idempotency_key_sent_to_two_processes_at_once_makes_one_order(
+    db, own_redis, own_redis_client, servers_for, layout
+):
+    body, headers = {"product_id": "HOT", "quantity": 2}, {**USERS[0], "Idempotency-Key": "k-both"}
+    async with two_processes(servers_for, own_redis.url, layout) as (ca, cb):
+        await new_product(ca, "HOT", total_stock=10)
+        answers = await asyncio.gather(*(c.post("/api/preorder", json=body, headers=headers)
+                                         for c in (ca, cb) for _ in range(10)))
+        late = await cb.post("/api/preorder", json=body, headers=headers)
+    assert {r.status_code for r in answers} <= {201, 409}, [r.text for r in answers]
+    made = [r.json()["order_id"] for r in answers if r.status_code == 201 and "idempotent-replayed" not in r.headers]
+    assert len(made) == 1, "one request made the order; the others replayed it or were told it is in progress"
+    assert late.status_code == 201 and late.json()["order_id"] == made[0]
+    assert await db.fetchval("SELECT count(*) FROM orders") == 1
+    await assert_invariants(db, own_redis_client, created={made[0]: 2})
 
 
 async def _watch_never_over(db: asyncpg.Connection, product_id: str, total: int, done: asyncio.Event) -> int:
