@@ -111,8 +111,9 @@ class Podman:
         return subprocess.run(["podman", *args], env=self.env, text=True, cwd=ROOT, **kw)
 
     def quiet(self, *args: str) -> None:
-        """For cleanup: never raises, prints nothing."""
+        """For cleanup: never raises; says only that it ran (and when, since removing can take a while)."""
         self(*args, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.say(f"cleanup: podman {' '.join(args)}")
 
     def output(self, *args: str) -> str:
         done = self(*args, capture_output=True, check=False)
