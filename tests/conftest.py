@@ -209,13 +209,13 @@ async def own_redis_client(own_redis: EmbeddedRedis | EmbeddedRedisCluster) -> A
 
 @pytest.fixture
 def servers_for(tmp_path: Path, settings) -> Iterator[object]:
-    """make(redis_url, database_url=None, **env) -> a started-later Server; all are stopped at the end."""
+    """make(redis_url, database_url=None, workers=1, **env) -> a started-later Server; all are stopped at the end."""
     from tests.harness import Server, server_env  # the harness imports this module
 
     made: list[Server] = []
 
-    def make(redis_url: str, database_url: str | None = None, **env: str) -> Server:
-        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path)
+    def make(redis_url: str, database_url: str | None = None, workers: int = 1, **env: str) -> Server:
+        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path, workers)
         made.append(server)
         return server
 

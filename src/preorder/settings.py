@@ -15,6 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREORDER_", extra="ignore")
 
     env: Literal["dev", "test", "prod"] = "prod"
+    # Where `preorder serve` listens unless --port says otherwise; the image's HEALTHCHECK reads it too.
+    port: int = Field(default=8000, ge=1, le=65_535)
     database_url: str = ""
     redis_url: str = ""
     db_pool_min: int = Field(default=2, ge=1)
