@@ -81,7 +81,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, *, within: float = 30) -> None:
+    async def start(self, *, within: float = 60) -> None:  # a worker boots in seconds, more on a loaded machine
         self._spawn()
         await eventually(self._healthy, within=within, interval=0.1)
 
