@@ -22,7 +22,8 @@ from preorder.products.router import router as products_router
 from preorder.responses import Problem
 from preorder.service_routes import router as service_router
 from preorder.settings import Settings, get_settings
-from preorder.stock.service import RateLimits, Stock
+from preorder.stock.customers import CustomerRules
+from preorder.stock.service import RateLimits, Stock, StockRules
 from preorder.workers.loops import run_forever
 
 
@@ -31,7 +32,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     pool = await db.create_pool(settings)
     redis = cache.create_redis(settings)
-    stock = Stock(redis, pool, rate=rate_limits(settings), sold_out_ttl_s=settings.sold_out_ttl_ms / 1000)
+    stock = Stock(redis, pool, stock_rules(settings))
     app.state.pool, app.state.redis, app.state.stock = pool, redis, stock
     app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
     app.state.verifier = TokenVerifier(settings)
@@ -58,8 +59,14 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def rate_limits(settings: Settings) -> RateLimits:
-    return RateLimits(settings.rate_limit_per_user, settings.rate_limit_per_client, settings.rate_limit_window_s * 1000)
+def stock_rules(settings: Settings) -> StockRules:
+    window_ms = settings.rate_limit_window_s * 1000
+    return StockRules(
+        rate=RateLimits(settings.rate_limit_per_user, settings.rate_limit_per_client, window_ms),
+        customers=CustomerRules(settings.customer_rate_limit, settings.address_rate_limit, window_ms,
+                                settings.max_unpaid_per_customer),
+        sold_out_ttl_s=settings.sold_out_ttl_ms / 1000, unknown_ttl_s=settings.unknown_product_ttl_s,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

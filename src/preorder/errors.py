@@ -50,6 +50,10 @@ class UserLimitReached(Conflict):
     kind, title = "per-user-limit", "Per-user limit reached"
 
 
+class UnpaidLimitReached(Conflict):
+    kind, title = "unpaid-limit", "Too many units held unpaid"
+
+
 class PresaleClosed(Conflict):
     kind, title = "presale-closed", "Presale is not open"
 
@@ -89,8 +93,8 @@ class Forbidden(DomainError):
 class RateLimited(DomainError):
     status, kind, title = 429, "rate-limited", "Too many requests"
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("Too many order requests; retry later", retry_after=retry_after)
+    def __init__(self, retry_after: int, detail: str = "Too many order requests; retry later") -> None:
+        super().__init__(detail, retry_after=retry_after)
         self.headers = {"Retry-After": str(retry_after)}
 
 

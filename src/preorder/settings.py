@@ -38,6 +38,16 @@ class Settings(BaseSettings):
     rate_limit_per_user: int = Field(default=20, ge=1, description="order creates per window per user")
     rate_limit_per_client: int = Field(default=200, ge=1, description="order creates per window per address")
     rate_limit_window_s: int = Field(default=1, ge=1)
+    # Across all products (the two above count per product), in the same window.
+    customer_rate_limit: int = Field(default=60, ge=1, description="order creates per window per customer")
+    address_rate_limit: int = Field(default=600, ge=1, description="order creates per window per address")
+    # Units one customer may hold in pending (unpaid) orders at once, across products.
+    max_unpaid_per_customer: int = Field(default=20, ge=1)
+    # How often each process recounts every customer's unpaid units from PostgreSQL (the safety net for a
+    # count left behind by a killed process).
+    unpaid_recount_interval_s: float = Field(default=60.0, gt=0)
+    # How long an unknown product id is refused from memory / a Redis marker without asking PostgreSQL again.
+    unknown_product_ttl_s: float = Field(default=5.0, gt=0, le=3600)
     # How long this process answers "sold out" without asking Redis after seeing a product sold out.
     sold_out_ttl_ms: int = Field(default=200, ge=0, le=5_000)
 

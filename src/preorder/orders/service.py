@@ -34,6 +34,7 @@ from preorder.orders.group_commit import GroupCommit
 from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
 from preorder.products import repository as products_repo
 from preorder.settings import Settings
+from preorder.stock.customers import Admission
 from preorder.stock.keys import idempotency_marker
 from preorder.stock.service import Ask, Reservation, Stock
 
@@ -110,23 +111,45 @@ class Orders:
     async def _create(
         self, user_id: str, body: OrderCreate, client: str, key: str | None, fingerprint: str | None
     ) -> OrderOut:
-        self.stock.refuse_if_sold_out(body.product_id)  # most of a flash sale: answered before any other work
+        self.stock.refuse_from_memory(body.product_id)  # most of a flash sale: answered before any other work
         if body.payment is not None:
             await self._check_payment_at_create(body.product_id, body.quantity, body.payment)
         order_id = new_id()
-        held = await self.stock.reserve(
-            Ask(product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id, client=client)
-        )
+        ask = Ask(product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id,
+                  client=client)
+        held, admission = await self._reserve(ask)
         new = repo.NewOrder(
             order_id=order_id, product_id=body.product_id, user_id=user_id, quantity=body.quantity,
             epoch=held.epoch, deadline=self._deadline(held), idempotency_key=key, fingerprint=fingerprint,
             idempotency_ttl_s=self.settings.idempotency_ttl_s,
         )
-        row = await self._write(new)
+        try:
+            row = await self._write(new)
+        except Exception:
+            await admission.cancel()
+            raise
         order = to_out(row)
         if body.payment is not None:
             order = await self._pay_at_once(order, body.payment, user_id)
         return order
+
+    async def _reserve(self, ask: Ask) -> tuple[Reservation, Admission]:
+        """The customer's admission and the product's reservation, queued in the same loop turn: one pipeline,
+        one round trip. Each side undoes itself if the other refuses; a customer's refusal wins (429 before 404)
+        and comes before any PostgreSQL work (loading a product it has not seen)."""
+        admission = self.stock.customers.admit(user_id=ask.user_id, address=ask.client, quantity=ask.quantity)
+        try:
+            held = await self.stock.reserve(ask, before_loading=admission.check)
+        except Exception:
+            await admission.check()
+            await admission.cancel()
+            raise
+        try:
+            await admission.check()
+        except Exception:
+            await self.stock.release(ask.product_id, ask.order_id)
+            raise
+        return held, admission
 
     def _deadline(self, held: Reservation) -> datetime:
         return datetime.fromtimestamp(held.reserved_at_ms / 1000, UTC) + timedelta(
@@ -211,6 +234,8 @@ class Orders:
             if current.status == order.status == "pending" and change.status == "paid":
                 raise InvalidTransition("The payment window has closed", current="pending")
             raise InvalidTransition(f"The order is {current.status} now", current=current.status)
+        if order.status == "pending":  # no longer unpaid: its units leave the customer's unpaid count
+            await self.stock.customers.give_back(order.user_id, order.quantity)
         if rule.stock == "release":
             await self.stock.release(order.product_id, order.order_id)
         elif rule.stock == "drop":
@@ -245,6 +270,7 @@ class Orders:
         """Cancel unpaid orders past their window (safe to run in every process at once)."""
         rows = await repo.expire_due(self.pool, limit=limit)
         for r in rows:
+            await self.stock.customers.give_back(r["user_id"], r["quantity"])
             await self.stock.release(r["product_id"], r["id"])
         return len(rows)
 

@@ -23,6 +23,7 @@ async def create(pool: PgPool, stock: Stock, body: ProductCreate) -> ProductOut:
     row = await repo.insert(pool, body.model_dump())
     if row is None:
         raise Conflict(f"Product {body.id} already exists")
+    await stock.forget_unknown(body.id)  # a create for it a moment ago may have left it marked unknown
     await stock.ensure_loaded(body.id)
     return _out(row, await stock.levels(body.id))
 
