@@ -46,6 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
+        await app.state.verifier.aclose()
         await redis.aclose()
         await asyncio.wait_for(pool.close(), timeout=5)
 
