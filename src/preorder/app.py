@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from preorder import __version__, cache, db, errors
+from preorder.audit.router import router as audit_router
 from preorder.auth import TokenVerifier
 from preorder.middleware import BodyLimit
 from preorder.orders.router import router as orders_router
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
     app.include_router(orders_router)
     app.include_router(products_router)
+    app.include_router(audit_router)
     app.include_router(service_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
+from preorder.audit.actor import client_address
 from preorder.auth import BEARER_SECURITY, CurrentUser, Principal, bearer_principal
 from preorder.errors import BadRequest, DomainError, Forbidden, render
 from preorder.orders import repository as repo
@@ -76,7 +77,7 @@ async def create_order(
 ) -> Response:
     # The hot route: one flat dependency, the service taken from app state (each dependency level measured).
     orders: Orders = request.app.state.orders
-    client = request.client.host if request.client else "unknown"
+    client = client_address(request)
     try:
         order, replayed = await orders.create(principal, body, idem_key=idempotency_key(request), client=client)
     except DomainError as refused:  # the 409s of a sold-out sale, rendered here: Starlette's handler lookup measured
@@ -125,13 +126,15 @@ async def get_order(order: OwnedOrder) -> OrderOut:
 
 
 @router.put("/{order_id}", responses=problems(400, 401, 403, 404, 409, 413, 503))
-async def change_status(order: OwnedOrder, body: StatusChange, principal: CurrentUser, orders: OrdersDep) -> OrderOut:
-    return await orders.change_status(principal, order, body)
+async def change_status(order: OwnedOrder, body: StatusChange, principal: CurrentUser, orders: OrdersDep,
+                        request: Request) -> OrderOut:
+    return await orders.change_status(principal, order, body, client=client_address(request))
 
 
 @router.delete("/{order_id}", responses=problems(400, 401, 403, 404, 409, 503))
-async def cancel_order(order: OwnedOrder, principal: CurrentUser, orders: OrdersDep, _: IdemKey = None) -> OrderOut:
-    return await orders.cancel(principal, order, None)
+async def cancel_order(order: OwnedOrder, principal: CurrentUser, orders: OrdersDep, request: Request,
+                       _: IdemKey = None) -> OrderOut:
+    return await orders.cancel(principal, order, None, client=client_address(request))
 
 
 @router.get("/{order_id}/events", responses=problems(400, 401, 404, 503))

@@ -14,6 +14,8 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from preorder.audit import repository as audit
+from preorder.audit.actor import Actor
 from preorder.auth import Principal
 from preorder.db import PgConn, PgPool
 from preorder.errors import (
@@ -219,7 +221,9 @@ class Orders:
             raise NotFound(f"No order {order_id}")
         return to_out(row)
 
-    async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange) -> OrderOut:
+    async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange, *,
+                            client: str = "service") -> OrderOut:
+        """An admin's change is written to the audit log in the same transaction, with the client address."""
         if not machine.may_ever(principal, change.status):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
         rule = machine.rule_for(order.status, change.status)
@@ -228,7 +232,7 @@ class Orders:
                                     current=order.status)
         if not machine.may(principal, rule):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
-        row = await self._transition(principal, order, change)
+        row = await self._transition(principal, order, change, client=client)
         if row is None:  # lost a race, or the payment window closed: say which
             current = await self.get(principal, order.order_id)
             if current.status == order.status == "pending" and change.status == "paid":
@@ -242,7 +246,8 @@ class Orders:
             await self.stock.drop(order.product_id, order.order_id)
         return to_out(row)
 
-    async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange) -> asyncpg.Record | None:
+    async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
+                          ) -> asyncpg.Record | None:
         paid = _check_payment(order, change) if change.status == "paid" else None
         record = repo.Change(
             order_id=order.order_id, frm=order.status, to=change.status, actor=principal.sub,
@@ -250,16 +255,27 @@ class Orders:
             payment_reference=paid.reference if paid else None, amount_paid=paid.amount if paid else None,
         )
         try:
-            return await repo.transition(self.pool, record)
+            if not principal.is_admin:
+                return await repo.transition(self.pool, record)
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await repo.transition(conn, record)
+                if row is not None:
+                    await audit.record(conn, Actor(principal, client).did(
+                        f"order.{change.status}", str(order.order_id), before={"status": order.status},
+                        after={"status": change.status, "reason": record.reason, "refund": order.status == "paid"
+                               and change.status == "cancelled"}))
+                return row
         except asyncpg.UniqueViolationError:
             raise PaymentReferenceUsed("This payment reference has already paid an order") from None
 
-    async def cancel(self, principal: Principal, order: OrderOut, reason: str | None) -> OrderOut:
+    async def cancel(self, principal: Principal, order: OrderOut, reason: str | None, *, client: str = "service"
+                     ) -> OrderOut:
         """DELETE: cancelling a cancelled order answers the same and releases nothing."""
         if order.status == "cancelled":
             return order
         try:
-            return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason))
+            return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason),
+                                            client=client)
         except InvalidTransition as lost:
             # The sweeper or another DELETE cancelled it first (and released it): the same answer as a repeat.
             if lost.extra.get("current") != "cancelled":

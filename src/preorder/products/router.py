@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from preorder.auth import Admin
+from preorder.audit.actor import AdminActor
 from preorder.db import Pool
 from preorder.deps import StockDep
 from preorder.products import service
@@ -19,8 +19,8 @@ PathId = Annotated[str, Path(pattern=ID_PATTERN, examples=["P1001"])]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses=problems(400, 401, 403, 409, 413, 503))
-async def create_product(body: ProductCreate, pool: Pool, stock: StockDep, _: Admin) -> ProductOut:
-    return await service.create(pool, stock, body)
+async def create_product(body: ProductCreate, pool: Pool, stock: StockDep, actor: AdminActor) -> ProductOut:
+    return await service.create(pool, stock, body, by=actor)
 
 
 @router.get("", responses=problems(400, 503))
@@ -35,6 +35,6 @@ async def get_product(product_id: PathId, pool: Pool, stock: StockDep) -> Produc
 
 @router.patch("/{product_id}", responses=problems(400, 401, 403, 404, 409, 413, 503))
 async def patch_product(
-    product_id: PathId, body: ProductPatch, pool: Pool, stock: StockDep, _: Admin
+    product_id: PathId, body: ProductPatch, pool: Pool, stock: StockDep, actor: AdminActor
 ) -> ProductOut:
-    return await service.patch(pool, stock, product_id, body)
+    return await service.patch(pool, stock, product_id, body, by=actor)
