@@ -20,7 +20,7 @@ from preorder.middleware import BodyLimit
 from preorder.orders.router import router as orders_router
 from preorder.orders.service import Orders
 from preorder.products.router import router as products_router
-from preorder.responses import Problem
+from preorder.responses import Problem, problems
 from preorder.service_routes import router as service_router
 from preorder.settings import Settings, get_settings
 from preorder.stock.customers import CustomerRules
@@ -119,8 +119,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 if not responses["422"]["content"]:
                     del responses["422"]
             if ("400" not in responses and op.get("parameters")) or op.get("requestBody"):
-                responses.setdefault("400", {"description": "Bad request", "content": {
-                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+                responses.setdefault("400", problems(400)[400])
     _declare_configured_bounds(schemas, app.state.settings)
     app.openapi_schema = schema
     return schema

@@ -10,17 +10,21 @@ from preorder.audit import repository as repo
 from preorder.audit.schemas import AuditEntry, AuditPage, AuditQuery
 from preorder.auth import Admin
 from preorder.db import Pool
+from preorder.errors import Forbidden, Unauthorized, Unavailable, ValidationFailed
 from preorder.responses import problems
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 
 
-@router.get("", summary="Read the audit log", responses=problems(400, 401, 403, 503))
+@router.get("", summary="Read the audit log",
+            responses=problems(ValidationFailed, Unauthorized, Forbidden, Unavailable))
 async def audit_log(pool: Pool, _: Admin, query: Annotated[AuditQuery, Query()]) -> AuditPage:
-    """**Admins only.** Every admin action (product create and change with before/after, ship, cancel and other
-    status changes an admin made, which include refund decisions): who, what, when and from which address,
-    newest first, a page at a time (pass `next_cursor` back as `cursor`). Changes nothing; the log itself is
-    append-only."""
+    """**Who may call:** admins.
+
+    **Changes:** nothing (the log itself is append-only). Lists every admin action (product create and change
+    with before/after, ship, cancel and other status changes an admin made, which include refund decisions):
+    who, what, when and from which address, newest first, a page at a time (pass `next_cursor` back as
+    `cursor`), optionally only those about one product or order (`target`)."""
     rows = await repo.page(pool, before_id=int(query.cursor) if query.cursor else None, target=query.target,
                            limit=query.limit + 1)
     items = [AuditEntry(**dict(r)) for r in rows[: query.limit]]
