@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
@@ -21,6 +22,9 @@ from tests.conftest import asgi_client, bearer, make_product, make_settings
 from tests.invariants import assert_invariants
 
 PROBLEM = "application/problem+json"
+# Redis Cluster's layout (one ask per slot: the customer's, the address's) must decide the same as the single
+# ask a single Redis gets; a single Redis runs either layout, so both are checked here.
+LAYOUTS = pytest.mark.parametrize("cluster_layout", [False, True], ids=["single", "cluster-layout"])
 
 
 async def _order(client: httpx.AsyncClient, pid: str, who: dict[str, str], qty: int = 1) -> httpx.Response:
@@ -76,9 +80,11 @@ async def test_a_hoarder_across_200_products_holds_at_most_the_unpaid_cap(server
         await assert_invariants(db, redis, created=created)
 
 
-async def test_the_unpaid_cap_counts_units_not_orders(servers, db, redis) -> None:
+@LAYOUTS
+async def test_the_unpaid_cap_counts_units_not_orders(servers, db, redis, cluster_layout) -> None:
     app = _app(servers, max_unpaid_per_customer=5)
     async with app.router.lifespan_context(app), asgi_client(app) as client:
+        app.state.stock.customers._cluster = cluster_layout
         await make_product(client, total_stock=100)
         who = bearer("U1")
         assert (await _order(client, "P1001", who, qty=4)).status_code == 201
@@ -88,9 +94,11 @@ async def test_the_unpaid_cap_counts_units_not_orders(servers, db, redis) -> Non
         assert await db.fetchval("SELECT SUM(quantity) FROM orders") == 5
 
 
-async def test_a_customer_spreading_creates_over_products_is_rate_limited(servers, db, redis) -> None:
+@LAYOUTS
+async def test_a_customer_spreading_creates_over_products_is_rate_limited(servers, db, redis, cluster_layout) -> None:
     app = _app(servers, customer_rate_limit=5, rate_limit_window_s=60)
     async with app.router.lifespan_context(app), asgi_client(app) as client:
+        app.state.stock.customers._cluster = cluster_layout
         pids = await _products(client, 8)
         who = bearer("BOT")
         answers = [await _order(client, pid, who) for pid in pids]
@@ -102,9 +110,12 @@ async def test_a_customer_spreading_creates_over_products_is_rate_limited(server
         assert await redis.get(customer_keys("BOT").unpaid) == b"5", "429s take no unpaid units"
 
 
-async def test_one_address_spreading_creates_over_customers_is_rate_limited(servers, db, redis) -> None:
+@LAYOUTS
+async def test_one_address_spreading_creates_over_customers_is_rate_limited(servers, db, redis, cluster_layout
+                                                                            ) -> None:
     app = _app(servers, address_rate_limit=4, rate_limit_window_s=60)
     async with app.router.lifespan_context(app), asgi_client(app) as client:
+        app.state.stock.customers._cluster = cluster_layout
         pids = await _products(client, 3)
         answers = [await _order(client, pids[i % 3], bearer(f"C{i}")) for i in range(6)]
         assert [r.status_code for r in answers] == [201] * 4 + [429] * 2

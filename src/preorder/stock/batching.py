@@ -9,6 +9,7 @@ one command per product instead of one per request (measured: redis-py was ~30 u
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ Head = tuple[tuple[str, ...], tuple[Any, ...]]  # the keys and arguments every a
 @dataclass
 class _Call:
     script: AsyncScript
-    keys: list[str] = field(default_factory=list)
+    keys: list[str | bytes] = field(default_factory=list)
     args: list[Any] = field(default_factory=list)
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
 
@@ -37,7 +38,7 @@ class ScriptBatcher:
         self._pending: dict[tuple[str, Head, int], list[_Call]] = {}
         self._sending: set[asyncio.Task[None]] = set()
 
-    def __call__(self, head: Head, *, keys: list[str], args: list[Any], script: AsyncScript | None = None,
+    def __call__(self, head: Head, *, keys: Sequence[str | bytes], args: list[Any], script: AsyncScript | None = None,
                  group: int = 0) -> asyncio.Future[Any]:
         """Queue one ask of `script` (the batcher's own by default). Asks with the same script, head and group
         go in one call: on Redis Cluster the group is the keys' slot, as a script may touch only one slot."""

@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,17 +41,22 @@ class Admission:
     """One create's claim on its customer's limits. The answers arrive with the reservation's (same pipeline);
     `check` raises the refusal, `cancel` gives back the units of a create that did not go ahead."""
 
-    __slots__ = ("_address", "_decided", "_holds_units", "_limits", "_quantity", "_refusal", "_user", "_user_id")
+    __slots__ = ("_decided", "_futures", "_holds_units", "_limits", "_quantity", "_refusal", "_user_id")
 
-    def __init__(self, limits: CustomerLimits, user: asyncio.Future[Any], address: asyncio.Future[Any], *,
-                 user_id: str, quantity: int) -> None:
-        self._limits, self._user, self._address = limits, user, address
+    def __init__(self, limits: CustomerLimits, futures: tuple[asyncio.Future[Any], ...], *, user_id: str,
+                 quantity: int) -> None:
+        self._limits, self._futures = limits, futures  # the customer's ask first (it holds the units)
         self._user_id, self._quantity = user_id, quantity
         self._refusal: DomainError | None = None
         self._holds_units = self._decided = False
 
     async def check(self) -> None:
         """Raise the customer's or address's refusal, if there is one."""
+        if not self._decided and len(self._futures) == 1:  # the hot path: one ask, admitted
+            answer = await self._futures[0]
+            if answer[0] == b"OK":
+                self._decided = self._holds_units = True
+                return
         refusal = await self._verdict()
         if refusal is not None:
             raise refusal
@@ -66,24 +72,26 @@ class Admission:
         if self._decided:
             return self._refusal
         try:
-            user, address = await self._user, await self._address
+            answers = [await future for future in self._futures]
         finally:
-            for future in (self._user, self._address):  # both came in one pipeline: retrieve both outcomes
+            for future in self._futures:  # all came in one pipeline: retrieve every outcome
                 if future.done() and not future.cancelled():
                     future.exception()
         self._decided = True
-        self._refusal = _refusal(user, "this customer") or _refusal(address, "this address")
-        self._holds_units = user[0] == b"OK"
+        self._holds_units = answers[0][0] == b"OK"
+        refusals = [r for r in map(_refusal, answers) if r is not None]
+        self._refusal = refusals[0] if refusals else None
         if self._refusal is not None:
             await self.cancel()
         return self._refusal
 
 
-def _refusal(answer: list[Any], who: str) -> DomainError | None:
+def _refusal(answer: list[Any]) -> DomainError | None:
     code = answer[0]
     if code == b"OK":
         return None
     if code == b"RATE_LIMITED":
+        who = "this customer" if int(answer[2]) == 1 else "this address"
         return RateLimited(max(1, math.ceil(int(answer[1]) / 1000)), f"Too many order requests from {who}")
     if code == b"UNPAID_LIMIT":
         return UnpaidLimitReached("Pay or cancel your pending orders before ordering more", held=int(answer[1]))
@@ -91,28 +99,43 @@ def _refusal(answer: list[Any], who: str) -> DomainError | None:
     return Unavailable("Limits could not be checked; retry")
 
 
+# The hot path's per-ask arguments, encoded once (redis-py would encode them on every call).
+_QUANTITIES = [str(q).encode() for q in range(64)]
+
+
+@lru_cache(maxsize=4_096)
+def _single_ask_keys(user_id: str, address: str) -> list[bytes]:
+    """KEYS of the one ask a single Redis gets: the customer's rate and units, the address's rate. The batcher
+    copies them into its call, so the cached list is never changed."""
+    keys = customer_keys(user_id)
+    return [keys.rate.encode(), keys.unpaid.encode(), address_rate_key(address).encode()]
+
+
 class CustomerLimits:
     def __init__(self, redis: aioredis.Redis, batcher: ScriptBatcher, rules: CustomerRules) -> None:
         self.redis, self.rules, self._batcher = redis, rules, batcher
         self._admit = redis.register_script(script_text("limits.lua"))
         self._unpaid = redis.register_script(script_text("unpaid.lua"))
-        self._head: Head = ((), (rules.window_ms,))
+        limits = (rules.window_ms, rules.per_user, rules.max_unpaid, rules.per_address)
+        self._heads: dict[str, Head] = {mode: ((), (*limits, mode)) for mode in ("both", "customer", "address")}
         # On Redis Cluster a script may touch one slot only, so asks are grouped by slot; a single Redis takes
         # all of a turn's asks in one call.
         self._cluster = isinstance(redis, RedisCluster)
 
     def admit(self, *, user_id: str, address: str, quantity: int) -> Admission:
-        """Queue the create's admission: answered in the pipeline of this loop turn (no round trip of its own)."""
-        keys, rules = customer_keys(user_id), self.rules
-        user = self._batcher(self._head, keys=[keys.rate, keys.unpaid], args=[rules.per_user, quantity,
-                             rules.max_unpaid], script=self._admit, group=self._group(keys.rate))
-        rate = address_rate_key(address)
-        by_address = self._batcher(self._head, keys=[rate, rate], args=[rules.per_address, 0, -1],
-                                   script=self._admit, group=self._group(rate))
-        return Admission(self, user, by_address, user_id=user_id, quantity=quantity)
-
-    def _group(self, key: str) -> int:
-        return key_slot(key.encode()) if self._cluster else 0
+        """Queue the create's admission: answered in the pipeline of this loop turn (no round trip of its own).
+        On a single Redis one ask counts the customer and the address; a cluster needs one ask per slot."""
+        qty = _QUANTITIES[quantity] if quantity < len(_QUANTITIES) else str(quantity).encode()
+        if not self._cluster:
+            both = self._batcher(self._heads["both"], keys=_single_ask_keys(user_id, address), args=[qty],
+                                 script=self._admit)
+            return Admission(self, (both,), user_id=user_id, quantity=quantity)
+        keys, rate = customer_keys(user_id), address_rate_key(address)
+        user = self._batcher(self._heads["customer"], keys=[keys.rate, keys.unpaid, keys.rate], args=[qty],
+                             script=self._admit, group=key_slot(keys.rate.encode()))
+        by_address = self._batcher(self._heads["address"], keys=[rate, rate, rate], args=[qty],
+                                   script=self._admit, group=key_slot(rate.encode()))
+        return Admission(self, (user, by_address), user_id=user_id, quantity=quantity)
 
     async def give_back(self, user_id: str, quantity: int) -> None:
         """An order stopped being unpaid (paid, cancelled, expired) or its create failed."""
