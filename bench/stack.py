@@ -95,6 +95,8 @@ def service_env(backends: Backends, secret: str, *, source: Path | None = None) 
         "PREORDER_JWT_SECRET": secret,
         "PREORDER_RATE_LIMIT_PER_USER": NO_RATE_LIMIT,
         "PREORDER_RATE_LIMIT_PER_CLIENT": NO_RATE_LIMIT,
+        "PREORDER_CUSTOMER_RATE_LIMIT": NO_RATE_LIMIT, "PREORDER_ADDRESS_RATE_LIMIT": NO_RATE_LIMIT,
+        "PREORDER_MAX_UNPAID_PER_CUSTOMER": NO_RATE_LIMIT,
     })
     return env
 

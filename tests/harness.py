@@ -59,6 +59,8 @@ def server_env(database_url: str, redis_url: str, **overrides: str) -> dict[str,
         "PREORDER_JWT_SECRET": SECRET,
         # Another change adds rate limiting; these tests measure faults, not limits.
         "PREORDER_RATE_LIMIT_PER_USER": "1000000000", "PREORDER_RATE_LIMIT_PER_CLIENT": "1000000000",
+        "PREORDER_CUSTOMER_RATE_LIMIT": "1000000000", "PREORDER_ADDRESS_RATE_LIMIT": "1000000000",
+        "PREORDER_MAX_UNPAID_PER_CUSTOMER": "1000000000",
         **FAST_TIMINGS,
     })
     env.update(overrides)
