@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,9 +15,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
-from preorder import __version__, cache, db, errors
+from preorder import __version__, cache, db, errors, logs, metrics, tracing
 from preorder.auth import TokenVerifier
 from preorder.middleware import BodyLimit
+from preorder.observe import Observe
 from preorder.orders.router import router as orders_router
 from preorder.orders.service import Orders
 from preorder.products.router import router as products_router
@@ -24,6 +27,8 @@ from preorder.service_routes import router as service_router
 from preorder.settings import Settings, get_settings
 from preorder.stock.service import RateLimits, Stock
 from preorder.workers.loops import run_forever
+
+log = logging.getLogger("preorder")
 
 
 @contextlib.asynccontextmanager
@@ -41,12 +46,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # uvicorn has stopped accepting and let in-flight requests finish (or the first half of the shutdown
+        # time passed); the other half bounds what is left here.
+        async with asyncio.timeout(settings.shutdown_timeout_s / 2):
+            await _shut_down(app, worker)
+
+
+async def _shut_down(app: FastAPI, worker: asyncio.Task[None] | None) -> None:
+    try:
+        await app.state.orders.drain()  # order rows queued for group commit: their reservations are taken
         if worker is not None:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
-        await redis.aclose()
-        await asyncio.wait_for(pool.close(), timeout=5)
+    finally:
+        await app.state.redis.aclose()
+        await app.state.pool.close()
+        if getattr(app.state, "tracer_provider", None) is not None:
+            app.state.tracer_provider.shutdown()
+        metrics.mark_process_dead(os.getpid())
+        log.info("stopped")
 
 
 def _tune_gc() -> None:
@@ -70,10 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "orders durable in PostgreSQL. Errors are RFC 9457 problem+json.",
         lifespan=lifespan,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings = settings or get_settings()
+    app.state.tracer_provider = _trace(app)
+    logs.configure(settings.log_format,
+                   extra=(tracing.add_trace_ids,) if app.state.tracer_provider is not None else ())
     errors.register(app)
     _map_outages(app)
-    app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Observe, access_log=settings.access_log)  # outermost: it times and ids every answer
     app.include_router(orders_router)
     app.include_router(products_router)
     app.include_router(service_router)
@@ -81,13 +104,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _trace(app: FastAPI) -> Any:
+    if not tracing.wanted():
+        return None
+    provider = tracing.provider_from_env()
+    tracing.instrument(app, provider)
+    return provider
+
+
 def _map_outages(app: FastAPI) -> None:
-    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
-        response = errors.problem(503, "unavailable", "Service unavailable", f"A dependency is down: {exc!r}")
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The exception (with hosts and ports) goes to the log; the client gets no internals.
+        log.warning("dependency unavailable on %s %s", request.method, request.url.path, exc_info=exc)
+        response = errors.problem(503, "unavailable", "Service unavailable",
+                                  "A dependency is not answering; retry shortly")
         response.headers["Retry-After"] = "1"
         return response
 
-    for exc_type in (*db.UNAVAILABLE, *cache.UNAVAILABLE):
+    for exc_type in errors.OUTAGES:
         app.add_exception_handler(exc_type, unavailable)
 
 

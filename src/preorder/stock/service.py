@@ -16,8 +16,18 @@ from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 
+from preorder import metrics
 from preorder.db import PgConn, PgPool
-from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
+from preorder.errors import (
+    NotFound,
+    OutOfStock,
+    PresaleEnded,
+    PresaleNotStarted,
+    RateLimited,
+    SoldOutMark,
+    Unavailable,
+    UserLimitReached,
+)
 from preorder.stock import repository as repo
 from preorder.stock.batching import ScriptBatcher
 
@@ -156,7 +166,7 @@ class Stock:
     def refuse_if_sold_out(self, product_id: str) -> None:
         """The in-process refusal: call it before any other work a sold-out answer would waste."""
         if self.sold_out.refuses(product_id):
-            raise OutOfStock("Sold out", available=0)
+            raise SoldOutMark("Sold out", available=0)
 
     async def _try_reserve(self, ask: Ask) -> Reservation:
         tag = f"po:{{{ask.product_id}}}"
@@ -183,8 +193,10 @@ class Stock:
         if code == "USER_LIMIT":
             remaining = max(int(answer[1]), 0)
             raise UserLimitReached(f"You may order {remaining} more of this product", remaining=remaining)
-        if code in ("NOT_STARTED", "ENDED"):
-            raise PresaleClosed("The presale has not started" if code == "NOT_STARTED" else "The presale has ended")
+        if code == "NOT_STARTED":
+            raise PresaleNotStarted("The presale has not started")
+        if code == "ENDED":
+            raise PresaleEnded("The presale has ended")
         raise Unavailable(f"Reservation refused: {code}")  # DUPLICATE: a fresh uuid7 collided; retryable
 
     async def release(self, product_id: str, order_id: uuid.UUID) -> int:
@@ -264,6 +276,8 @@ class Stock:
         """Bump the product's epoch and reload Redis from PostgreSQL. `apply` changes the product in the
         same transaction, so no order reserved against the old figures can commit after the change."""
         snap = await self._bump_and_snapshot(product_id, only_if_missing=only_if_missing, apply=apply)
+        if snap is not None:
+            metrics.REBUILDS.inc()
         self.sold_out.clear(product_id)  # the product may have stock again (e.g. a PATCH raised it)
         for _ in range(3):  # each further round needs yet another loader racing this one: rare, so bounded
             if snap is None or await self._load_is_newest(product_id, snap):

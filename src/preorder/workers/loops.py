@@ -6,22 +6,33 @@ import asyncio
 import logging
 import time
 
+from preorder import metrics
 from preorder.orders import repository as order_repo
 from preorder.orders.service import Orders
-from preorder.workers.reconciler import Reconciler
+from preorder.workers.reconciler import Reconciler, Settled
 
 log = logging.getLogger("preorder.workers")
 
 
 async def run_once(orders: Orders, reconciler: Reconciler | None) -> None:
     expired = await orders.expire_due()
+    metrics.SWEEPER_RUNS.inc()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
     if reconciler is not None:
         settled = await reconciler.run()
+        _count(settled)
         if settled.released or settled.dropped or settled.orphans or settled.rebuilt:
             log.warning("settled holds: %s", settled)
         await order_repo.purge_idempotency(orders.pool, limit=1000)
+
+
+def _count(settled: Settled) -> None:
+    """Every hold the reconciler settles, and every stale product it rebuilds, is Redis and PostgreSQL
+    disagreeing: a process died between two steps, or a Redis step failed after a commit."""
+    for action in ("released", "dropped", "orphans"):
+        metrics.RECONCILER_HOLDS.labels(action).inc(getattr(settled, action))
+    metrics.RECONCILER_DRIFT.inc(settled.released + settled.dropped + settled.orphans + settled.rebuilt)
 
 
 async def run_forever(orders: Orders) -> None:
@@ -38,5 +49,6 @@ async def run_forever(orders: Orders) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a dependency is down: try again next round, never die
-            log.warning("background round failed: %r", exc)
+            metrics.BACKGROUND_FAILURES.inc()
+            log.warning("background round failed", exc_info=exc)
         await asyncio.sleep(orders.settings.sweep_interval_s)
