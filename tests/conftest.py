@@ -48,6 +48,17 @@ def servers() -> Iterator[tuple[str, str]]:
                 server.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test alone, without persistence: killing it loses every key."""
+    server = EmbeddedRedis(tmp_path / "redis", persist=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": "test", "database_url": db_url, "redis_url": redis_url, "jwt_secret": SECRET,

@@ -73,6 +73,7 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    args: tuple[str, ...] = ()  # more `preorder serve` options, e.g. ("--workers", "2")
 
     @property
     def url(self) -> str:
@@ -86,7 +87,7 @@ class Server:
         self.starts += 1
         with open(self.log_dir / f"serve-{self.port}-{self.starts}.log", "wb") as log:
             self.process = subprocess.Popen(
-                [str(PREORDER), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [str(PREORDER), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
 
@@ -117,7 +118,7 @@ class Server:
 
     def log_tail(self, lines: int = 40) -> str:
         logs = sorted(self.log_dir.glob(f"serve-{self.port}-*.log"))
-        return "\n".join(p.read_text(errors="replace").splitlines()[-lines:] for p in logs[-1:])
+        return "\n".join(line for p in logs[-1:] for line in p.read_text(errors="replace").splitlines()[-lines:])
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=kw.pop("max_connections", 100), max_keepalive_connections=100)

@@ -167,17 +167,6 @@ async def _holds_at_least(redis: aioredis.Redis, n: int, product_id: str = "P100
 # ---- real processes ---------------------------------------------------------------------------------------
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A redis-server of this test alone, without persistence: killing it loses every key."""
-    server = EmbeddedRedis(tmp_path / "redis", persist=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def own_redis_client(own_redis: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(own_redis.url)
     yield client

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,6 @@ from pathlib import Path
 import uvicorn
 
 from preorder import logs
-from preorder import migrate as migrations
 from preorder.settings import Settings
 from preorder.types import ID_RE
 
@@ -58,6 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PREORDER_LOG_FORMAT"] = args.log_format  # the workers read their settings from the environment
     settings = Settings()  # refuse to start with unsafe or missing settings, before forking workers
     logs.configure(settings.log_format)
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again for its default action (death by signal,
+    # exit status 143). A stop that completed gracefully is a success: with this handler in place it exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     with _metrics_dir(args.workers):
         uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                     loop="uvloop", http="httptools", access_log=False, log_config=None,
@@ -86,6 +89,8 @@ def _migrate(_: argparse.Namespace) -> int:
     if not settings.database_url:
         print("PREORDER_DATABASE_URL is not set", file=sys.stderr)
         return 2
+    from preorder import migrate as migrations  # alembic and SQLAlchemy: seconds of imports only this command needs
+
     migrations.upgrade(settings.database_url)
     print("schema is at the latest migration")
     return 0

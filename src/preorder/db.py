@@ -87,7 +87,9 @@ async def create_pool(settings: Settings) -> PgPool:
         min_size=0,
         max_size=settings.db_pool_max,
         timeout=settings.db_connect_timeout_s,
-        command_timeout=settings.db_statement_timeout_ms / 1000 + 1,
+        # Later than the server's statement timeout (so a slow statement ends with PostgreSQL's clean error), but
+        # bounded: with PostgreSQL hung nothing answers at all, and this is what ends the wait.
+        command_timeout=_client_timeout(settings),
         max_inactive_connection_lifetime=300,
         init=_init_connection,
         reset=_keep_session,
@@ -99,6 +101,11 @@ async def create_pool(settings: Settings) -> PgPool:
     )
     metrics.POOL_MAX.set(settings.db_pool_max)
     return pool
+
+
+def _client_timeout(settings: Settings) -> float:
+    statement_s = settings.db_statement_timeout_ms / 1000
+    return statement_s + min(1.0, statement_s / 2)
 
 
 async def get_pool(request: Request) -> PgPool:

@@ -68,7 +68,9 @@ def configure(fmt: LogFormat, *, level: str = "INFO", extra: tuple[Processor, ..
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # theirs go through ours, not their own handlers
+    # uvicorn's lines go through ours, not its own handlers (its access log stays off: ours says more).
+    logging.getLogger("uvicorn.access").disabled = True
+    for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
 
