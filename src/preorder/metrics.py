@@ -81,6 +81,22 @@ def side_effect_failed(step: str) -> Counter:
     return SIDE_EFFECT_FAILURES.labels(step)
 
 
+def _declare_label_sets() -> None:
+    """Every bounded label set exported at 0 from the start, so rate() and the alerts work before the first event."""
+    for reason in ("out_of_stock", "sold_out_mark", "user_limit", "rate_limited", "not_started", "ended",
+                   "unavailable"):
+        refused(reason)
+    for step in ("idempotency_marker", "release", "drop"):
+        side_effect_failed(step)
+    for kind in ("full", "regular"):
+        RECONCILER_PASSES.labels(kind)
+    for action in ("released", "dropped", "orphans"):
+        RECONCILER_HOLDS.labels(action)
+
+
+_declare_label_sets()
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
