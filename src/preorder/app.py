@@ -96,7 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.register(app)
     _map_outages(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Observe, access_log=settings.access_log)  # outermost: it times and ids every answer
+    # Outermost: it times every answer and gives it its request id.
+    app.add_middleware(Observe, access_log=settings.access_log, log_format=settings.log_format)
     app.include_router(orders_router)
     app.include_router(products_router)
     app.include_router(service_router)

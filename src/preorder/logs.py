@@ -4,8 +4,10 @@ the request id (and the trace and span ids when tracing is on)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -85,3 +87,36 @@ class _Stdout(logging.StreamHandler):  # type: ignore[type-arg]
 
 def get(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+class JsonAccessLine:
+    """The one line per request, in JSON mode, written with orjson directly in the shape of the other lines.
+    Measured: through structlog's bound logger and processor chain the line cost ~4x as much as this (most of the
+    middleware's cost, several percent of a create); it is the only line written at the request rate. For the same
+    reason the lines are flushed every FLUSH_S rather than each with its own write system call."""
+
+    FLUSH_S = 0.05
+
+    def __init__(self) -> None:
+        self._second, self._prefix = -1, ""
+        self._flush_due = False
+
+    def info(self, event: str, **fields: Any) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time formatted once a second, not once a line
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        fields["event"], fields["level"] = event, "info"
+        fields["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        sys.stdout.write(orjson.dumps(fields).decode() + "\n")
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_later(self.FLUSH_S, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        sys.stdout.flush()
+
+
+def access_logger(fmt: LogFormat) -> Any:
+    return JsonAccessLine() if fmt == "json" else get("preorder.access")

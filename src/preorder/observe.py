@@ -9,9 +9,9 @@ import time
 
 from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uuid_utils import uuid7
 
 from preorder import errors, logs, metrics
-from preorder.ids import new_id
 
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 UNMATCHED = "unmatched"  # the route label of paths no route matched: a bounded label, never the raw path
@@ -25,15 +25,15 @@ def request_id(scope: Scope) -> str:
             if _CLIENT_ID.fullmatch(value):
                 return str(value.decode())
             break
-    return str(new_id())
+    return str(uuid7())
 
 
 class Observe:
-    def __init__(self, app: ASGIApp, *, access_log: bool) -> None:
+    def __init__(self, app: ASGIApp, *, access_log: bool, log_format: logs.LogFormat = "json") -> None:
         self.app, self.access_log = app, access_log
         self._children: dict[tuple[str, str, int], Histogram] = {}
         self._in_flight = metrics.IN_FLIGHT
-        self._log = logs.get("preorder.access")
+        self._log = logs.access_logger(log_format)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,8 +69,8 @@ class Observe:
         method = scope["method"] if scope["method"] in _METHODS else "other"
         self._child(method, template, status // 100).observe(seconds)
         if self.access_log:
-            self._log.info("request", method=method, route=template, status=status,
-                           duration_ms=round(seconds * 1000, 2), request_id=info.request_id, problem=info.problem)
+            self._log.info("request", method=method, route=template, status=status, request_id=info.request_id,
+                           duration_ms=int(seconds * 1_000_000) / 1000, problem=info.problem)
 
     def _child(self, method: str, route: str, status_class: int) -> Histogram:
         key = (method, route, status_class)
