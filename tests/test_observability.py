@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -13,10 +14,11 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from preorder import db as dbmod
+from preorder.app import create_app
 from preorder.settings import Settings
 from preorder.stock.service import Stock, keys
 from preorder.workers.reconciler import settle_all
-from tests.conftest import bearer, make_product, make_settings, serving
+from tests.conftest import asgi_client, bearer, make_product, make_settings, serving
 from tests.harness import PgProxy, eventually
 from tests.invariants import assert_invariants
 
@@ -184,3 +186,21 @@ async def test_products_list_is_public_and_counted(client):
     name = "http_server_request_duration_seconds_count"
     labels = {"method": "GET", "route": "/api/products", "status_class": "2xx"}
     assert value(after, name, **labels) - value(before, name, **labels) == 1
+
+
+async def test_an_unexpected_error_is_a_500_problem_with_the_request_id_and_logged_with_its_exception(
+    settings, db, redis, capsys
+):
+    app = create_app(settings)
+
+    async def broken() -> None:
+        raise RuntimeError("secret internals at 10.0.0.7:5432")
+
+    app.add_api_route("/broken", broken)  # a real route that fails the way a bug would
+    async with app.router.lifespan_context(app), asgi_client(app) as c:
+        r = await c.get("/broken", headers={"X-Request-ID": "bug-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json()["instance"] == "urn:request:bug-1" and "10.0.0.7" not in r.text
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    errors = [x for x in logged if x.get("request_id") == "bug-1" and x.get("level") == "error"]
+    assert errors and "RuntimeError: secret internals" in errors[0]["exception"]
