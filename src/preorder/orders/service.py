@@ -168,9 +168,9 @@ class Orders:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
-        # Failing here means no connection, so nothing was written. The wait is the pool's bound
-        # (PREORDER_DB_ACQUIRE_TIMEOUT_S): with PostgreSQL unreachable, creates answer 503 at once, never queue.
-        conn = await self.pool.acquire()
+        # Failing here means no connection, so nothing was written. Waiting longer than the write deadline is
+        # useless (the fence would refuse the write), and the pool's bound holds as everywhere.
+        conn = await self.pool.acquire(timeout=min(self.settings.write_deadline_s, self.settings.db_acquire_timeout_s))
         try:
             yield conn
         finally:
