@@ -34,7 +34,7 @@ async def running(tmp_path: Path, *, database_url: str, redis_url: str, args: tu
                   **env: str) -> AsyncIterator[Server]:
     server = Server(server_env(database_url, redis_url, **env), tmp_path, args=args)
     try:
-        await server.start()
+        await server.start(within=90)  # worker processes import everything anew: slow on a busy 2-core machine
         yield server
     finally:
         server.stop()
@@ -96,7 +96,7 @@ async def test_serve_writes_one_json_access_line_per_request_and_logs_errors_wit
 async def test_metrics_are_summed_over_the_workers_of_serve(tmp_path, settings, db, own_redis):
     async with running(tmp_path, database_url=settings.database_url, redis_url=own_redis.url,
                        args=("--workers", "2")) as server:
-        await eventually(lambda: _workers_started(server, 2), within=30)
+        await eventually(lambda: _workers_started(server, 2), within=90)
         async with server.client() as c:
             await new_product(c, "MP", total_stock=1000)
         # Separate connections, which the kernel spreads over both workers' accept calls.

@@ -62,8 +62,11 @@ def _serve(args: argparse.Namespace) -> int:
     # exit status 143). A stop that completed gracefully is a success: with this handler in place it exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     with _metrics_dir(args.workers):
+        # A worker must answer the supervisor's health ping within timeout_worker_healthcheck or it is killed and
+        # respawned: uvicorn's 5 s default killed every starting worker on a busy 2-core machine (imports alone
+        # took longer), so none ever served.
         uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    loop="uvloop", http="httptools", access_log=False, log_config=None,
+                    loop="uvloop", http="httptools", access_log=False, log_config=None, timeout_worker_healthcheck=30,
                     timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s / 2)))
     return 0
 
