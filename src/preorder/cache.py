@@ -36,11 +36,12 @@ def is_cluster_url(url: str) -> bool:
 def create_redis(settings: Settings) -> RedisClient:
     if is_cluster_url(settings.redis_url):
         return _create_cluster(settings)
-    # A blocking pool: a burst waits (bounded by the timeout) for a connection instead of failing at once.
+    # A blocking pool: a burst waits (bounded by the timeout) for a connection instead of failing at once. The
+    # wait is as short as a command's: with Redis hung, every connection is stuck and a request must not queue.
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_pool_max,
-        timeout=settings.redis_timeout_s * 5,
+        timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,

@@ -6,13 +6,14 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
+from preorder import cache, metrics
 from preorder.audit import repository as audit
 from preorder.audit.actor import Actor
 from preorder.auth import Principal
@@ -92,7 +93,9 @@ class Orders:
                 raise
             return replay, True
         finally:
-            await self.redis.delete(marker)
+            # Best effort: the order is decided by now, so a Redis failure here must not turn it into a 503.
+            # A marker left behind expires with its TTL (twice the write deadline).
+            await _best_effort("idempotency_marker", self.redis.delete(marker))
 
     def _customer_for(self, principal: Principal, body: OrderCreate) -> str:
         user_id = body.user_id or principal.sub
@@ -130,6 +133,7 @@ class Orders:
         except Exception:
             await admission.cancel()
             raise
+        metrics.ORDERS_CREATED.inc()
         order = to_out(row)
         if body.payment is not None:
             order = await self._pay_at_once(order, body.payment, user_id)
@@ -197,8 +201,8 @@ class Orders:
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
         # Failing here means no connection, so nothing was written. Waiting longer than the write deadline is
-        # useless (the fence would refuse the write) and, with PostgreSQL unreachable, would queue without bound.
-        conn = await self.pool.acquire(timeout=self.settings.write_deadline_s)
+        # useless (the fence would refuse the write), and the pool's bound holds as everywhere.
+        conn = await self.pool.acquire(timeout=min(self.settings.write_deadline_s, self.settings.db_acquire_timeout_s))
         try:
             yield conn
         finally:
@@ -244,12 +248,15 @@ class Orders:
             if current.status == order.status == "pending" and change.status == "paid":
                 raise InvalidTransition("The payment window has closed", current="pending")
             raise InvalidTransition(f"The order is {current.status} now", current=current.status)
+        metrics.status_changed(order.status, change.status).inc()
+        # The change is committed: the Redis steps after it are best effort (the reconciler settles a hold, the
+        # unpaid recount a customer's count, when one fails here).
         if order.status == "pending":  # no longer unpaid: its units leave the customer's unpaid count
-            await self.stock.customers.give_back(order.user_id, order.quantity)
+            await _best_effort("unpaid", self.stock.customers.give_back(order.user_id, order.quantity))
         if rule.stock == "release":
-            await self.stock.release(order.product_id, order.order_id)
+            await _best_effort("release", self.stock.release(order.product_id, order.order_id))
         elif rule.stock == "drop":
-            await self.stock.drop(order.product_id, order.order_id)
+            await _best_effort("drop", self.stock.drop(order.product_id, order.order_id))
         return to_out(row)
 
     async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
@@ -291,10 +298,17 @@ class Orders:
     async def expire_due(self, *, limit: int = 500) -> int:
         """Cancel unpaid orders past their window (safe to run in every process at once)."""
         rows = await repo.expire_due(self.pool, limit=limit)
-        for r in rows:
+        if rows:
+            metrics.status_changed("pending", "cancelled").inc(len(rows))
+            metrics.SWEEPER_EXPIRED.inc(len(rows))
+        for r in rows:  # a failure stops the round: with Redis down, the rest would each wait for its timeout
             await self.stock.customers.give_back(r["user_id"], r["quantity"])
             await self.stock.release(r["product_id"], r["id"])
         return len(rows)
+
+    async def drain(self) -> None:
+        """Shutdown: write every order row still queued for group commit."""
+        await self._group.drain()
 
 
 async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> repo.Written:
@@ -304,6 +318,16 @@ async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> repo.Written:
         # Lost mid-statement: it may or may not have committed. The hold stays for the reconciler,
         # which frees it only after the write deadline has passed and if no order row exists.
         raise Unavailable("The order store did not answer; retry") from None
+
+
+async def _best_effort(step: str, settling: Awaitable[Any]) -> None:
+    """A Redis step after a committed change: its failure is logged and counted, never raised (the order's
+    answer is already decided); the idempotency marker's TTL or the reconciler finishes the job."""
+    try:
+        await settling
+    except cache.UNAVAILABLE as exc:
+        metrics.side_effect_failed(step).inc()
+        log.warning("redis step %s failed after the commit; left to the reconciler or the TTL", step, exc_info=exc)
 
 
 async def _give_back(pool: PgPool, conn: PoolConnectionProxy[Any]) -> None:
