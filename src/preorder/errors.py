@@ -80,7 +80,7 @@ class UserLimitReached(Conflict):
 
 
 class UnpaidLimitReached(Conflict):
-    kind, title = "unpaid-limit", "Too many units held unpaid"
+    kind, title, reason = "unpaid-limit", "Too many units held unpaid", "unpaid_limit"
 
 
 class PresaleClosed(Conflict):
