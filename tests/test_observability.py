@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from preorder import db as dbmod
 from preorder.app import create_app
 from preorder.settings import Settings
-from preorder.stock.service import Stock, keys
+from preorder.stock.keys import product_keys
+from preorder.stock.service import Stock
 from preorder.workers.reconciler import settle_all
 from tests.conftest import asgi_client, bearer, make_product, make_settings, serving
 from tests.harness import PgProxy, eventually
@@ -131,7 +132,7 @@ async def test_a_redis_failure_after_a_committed_cancel_still_answers_200(settin
         proxy.restore()
         failed = value(await scrape(c), "preorder_redis_side_effect_failures_total", step="release")
         assert failed - value(before, "preorder_redis_side_effect_failures_total", step="release") == 1
-        assert await redis.hlen(keys("P1001")[1]) == 1, "the hold is still there: left to the reconciler"
+        assert await redis.hlen(product_keys("P1001").holds) == 1, "the hold is still there: left to the reconciler"
         assert (await settle_all(Stock(redis, pool), orphan_hold_s=60)).released == 1
     await assert_invariants(db, redis)
 
@@ -174,7 +175,7 @@ async def slow_order_inserts(db: asyncpg.Connection) -> AsyncIterator[None]:
 
 
 async def _holds(redis: aioredis.Redis, n: int) -> None:
-    assert await redis.hlen(keys("P1001")[1]) >= n
+    assert await redis.hlen(product_keys("P1001").holds) >= n
 
 
 async def test_products_list_is_public_and_counted(client):
