@@ -79,6 +79,7 @@ async def clock_ms(redis: RedisClient, key: str) -> int:
     """Redis's clock, in ms, on the node that owns `key`: the clock a script on that key stamps with. (Cluster
     nodes' clocks differ; TIME without a target would answer from an arbitrary node.)"""
     if isinstance(redis, RedisCluster):
+        await redis.initialize()  # the slot map (a no-op once known, unless an error marked it stale)
         seconds, micros = await redis.time(target_nodes=redis.get_node_from_key(key))
     else:
         seconds, micros = await redis.time()
