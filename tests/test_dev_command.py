@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -63,6 +64,7 @@ def test_dev_serves_the_seed_example_and_stops_its_servers_on_ctrl_c(tmp_path):
         docs = httpx.get(f"http://127.0.0.1:{port}/docs", timeout=5).text
         assert "/static-offline-docs/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()["status"] == "ready"
+        _assert_created_event_on_the_stream(text, r.json()["order_id"])
     finally:
         _stop(proc)
     assert "embedded servers stopped" in log.read_text()
@@ -78,3 +80,13 @@ def test_dev_serves_the_seed_example_and_stops_its_servers_on_ctrl_c(tmp_path):
         assert product["reserved"] == 2
     finally:
         _stop(proc)
+
+
+def _assert_created_event_on_the_stream(welcome: str, order_id: str) -> None:
+    """The embedded NATS is up and the relay published the order's first event; `preorder events` shows it."""
+    nats_url = re.search(r"NATS\s+(nats://\S+)", welcome).group(1)
+    assert f"preorder events --nats-url {nats_url}" in welcome
+    watched = subprocess.run([PREORDER, "events", "--nats-url", nats_url, "--from-start", "--count", "1"],
+                             capture_output=True, timeout=60, check=True)
+    event = json.loads(watched.stdout)
+    assert event["type"] == "preorder.order.created" and event["subject"] == order_id and event["sequence"] == 1

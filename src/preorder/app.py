@@ -15,6 +15,10 @@ from fastapi_offline import FastAPIOffline
 
 from preorder import __version__, cache, db, errors
 from preorder.auth import TokenVerifier
+from preorder.events.relay import Relay
+from preorder.events.router import declare_webhooks
+from preorder.events.router import router as events_router
+from preorder.events.service import Events
 from preorder.middleware import BodyLimit
 from preorder.orders.router import router as orders_router
 from preorder.orders.service import Orders
@@ -35,16 +39,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool, app.state.redis, app.state.stock = pool, redis, stock
     app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
     app.state.verifier = TokenVerifier(settings)
+    app.state.events = Events(pool=pool, settings=settings)
+    app.state.relay = Relay(pool=pool, settings=settings) if settings.relay_enabled else None
     if settings.env != "test":
         _tune_gc()
-    worker = asyncio.create_task(run_forever(app.state.orders)) if settings.workers_enabled else None
+    tasks = [asyncio.create_task(run_forever(app.state.orders))] if settings.workers_enabled else []
+    if app.state.relay is not None:
+        tasks.append(asyncio.create_task(app.state.relay.run_forever()))
     try:
         yield
     finally:
-        if worker is not None:
-            worker.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await worker
+                await task
         await redis.aclose()
         await asyncio.wait_for(pool.close(), timeout=5)
 
@@ -76,7 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=app.state.settings.max_body_bytes)
     app.include_router(orders_router)
     app.include_router(products_router)
+    app.include_router(events_router)
     app.include_router(service_router)
+    declare_webhooks(app.webhooks)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -95,7 +105,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI declares 422 for validation; this service answers 400 problem+json, so say that."""
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                         webhooks=app.webhooks.routes)
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     schemas["Problem"] = Problem.model_json_schema()
     for name in ("HTTPValidationError", "ValidationError"):

@@ -1,4 +1,4 @@
-"""The `preorder` command: dev, serve, migrate, reconcile, token."""
+"""The `preorder` command: dev, serve, migrate, reconcile, token, events."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok.add_argument("--sub", required=True, type=_user_id, help="user id: 1-64 of A-Z a-z 0-9 _ -")
     tok.add_argument("--role", choices=["customer", "admin"], default="customer")
     tok.add_argument("--ttl", type=_positive, default=86_400, help="seconds until it expires")
+    ev = sub.add_parser("events", help="print the events of the NATS stream PREORDER as they arrive")
+    ev.add_argument("--nats-url", default="", help="default: PREORDER_NATS_URL")
+    ev.add_argument("--from-start", action="store_true", help="every event the stream holds, then new ones")
+    ev.add_argument("--count", type=_count, default=None, help="stop after this many events")
     args = parser.parse_args(argv)
     return int(_COMMANDS[args.command](args) or 0)
 
@@ -83,11 +87,30 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events(args: argparse.Namespace) -> int:
+    from preorder.events.watch import watch
+
+    url = args.nats_url or Settings(env="dev").nats_url
+    if not url:
+        print("give --nats-url or set PREORDER_NATS_URL (preorder dev prints it)", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(watch(url, from_start=args.from_start, count=args.count))
+    except KeyboardInterrupt:
+        return 0
+
+
 def _user_id(value: str) -> str:
     """The service refuses a token whose subject is not a valid id, so refuse to mint one."""
     if not ID_RE.fullmatch(value):
         raise argparse.ArgumentTypeError("must be 1-64 of A-Z a-z 0-9 _ -")
     return value
+
+
+def _count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number, at least 1")
+    return int(value)
 
 
 def _positive(value: str) -> int:
@@ -96,7 +119,8 @@ def _positive(value: str) -> int:
     return int(value)
 
 
-_COMMANDS = {"dev": _dev, "serve": _serve, "migrate": _migrate, "reconcile": _reconcile, "token": _token}
+_COMMANDS = {"dev": _dev, "serve": _serve, "migrate": _migrate, "reconcile": _reconcile, "token": _token,
+             "events": _events}
 
 
 def dev_secret(folder: Path) -> str:

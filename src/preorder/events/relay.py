@@ -1,0 +1,154 @@
+"""The relay each app process runs: queue new events for every sink, send what is due, record the outcome,
+retry failures with backoff, purge old bookkeeping, and keep the lag gauge current."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from prometheus_client import Gauge
+
+from preorder.db import PgPool
+from preorder.events import repository as repo
+from preorder.events.envelope import cloud_event, encode
+from preorder.events.nats_sink import NatsSink
+from preorder.events.webhooks import WebhookSender
+from preorder.settings import Settings
+
+log = logging.getLogger("preorder.events")
+LAG = Gauge("preorder_events_relay_lag_seconds", "Age of the oldest event not yet received by every active sink")
+# The broker is ours and a retry costs it nothing: its backoff stays short, so events flow soon after it is back.
+_NATS_BACKOFF_MAX_S = 5.0
+_WEBHOOK_CONCURRENCY = 64
+_HOUSEKEEPING_S = 1.0
+
+
+class Relay:
+    def __init__(self, *, pool: PgPool, settings: Settings) -> None:
+        self.pool, self.settings = pool, settings
+        self.lag_s = 0.0
+        self._nats = NatsSink(settings.nats_url, timeout_s=2.0) if settings.nats_url else None
+        self._webhooks = WebhookSender(timeout_s=settings.webhook_timeout_s,
+                                       allow_private=settings.webhook_allow_private,
+                                       max_connections=_WEBHOOK_CONCURRENCY)
+
+    async def run_forever(self) -> None:
+        loops: list[Callable[[], Awaitable[bool]]] = [self.fan_out, self.send_webhooks, self.housekeeping]
+        if self._nats is not None:
+            loops.append(self.send_nats)
+        try:
+            await self._sync_nats_sink()  # before any fan-out: an event queued without the sink would miss it
+            await asyncio.gather(*(self._repeat(step) for step in loops))
+        finally:
+            await self.close()
+
+    async def _sync_nats_sink(self) -> None:
+        while True:
+            try:
+                await repo.sync_nats_sink(self.pool, self.settings.nats_url)
+                return
+            except Exception as exc:  # PostgreSQL not there yet: the relay waits for it like everything else
+                log.warning("relay start failed: %r", exc)
+            await asyncio.sleep(self.settings.relay_interval_s)
+
+    async def _repeat(self, step: Callable[[], Awaitable[bool]]) -> None:
+        """Run a step again at once while it has more work, else after the idle pause; never die."""
+        while True:
+            try:
+                busy = await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # PostgreSQL is down or a peer misbehaved: try again next round
+                log.warning("relay step %s failed: %r", step.__name__, exc)
+                busy = False
+            if not busy:
+                await asyncio.sleep(self.settings.relay_interval_s)
+
+    async def fan_out(self) -> bool:
+        queued = await repo.fan_out(self.pool, limit=self.settings.relay_batch,
+                                    retry_for_s=self.settings.webhook_retry_for_s)
+        return queued == self.settings.relay_batch
+
+    async def send_nats(self) -> bool:
+        nats = self._nats
+        assert nats is not None
+        claimed = await self._claim("nats", self.settings.relay_batch)
+        if not claimed:
+            return False
+        built = [(row, self._event(row)) for row in claimed]
+        broken = [self._unbuildable(row, event) for row, event in built if isinstance(event, Exception)]
+        ready = [(row, event) for row, event in built if not isinstance(event, Exception)]
+        started = time.monotonic()
+        failures = await nats.publish_all([(event, encode(event)) for _, event in ready])
+        latency_ms = int((time.monotonic() - started) * 1000)
+        await self._record(broken + [self._published(row, failure, latency_ms)
+                                     for (row, _), failure in zip(ready, failures, strict=True)])
+        return len(claimed) == self.settings.relay_batch
+
+    def _published(self, row: asyncpg.Record, failure: BaseException | None, latency_ms: int) -> repo.Outcome:
+        if failure is None:
+            return repo.Outcome(row["id"], row["sink_id"], True, 0.0, latency_ms=latency_ms)
+        return self._failed(row, error=f"{type(failure).__name__}: {failure}"[:500], cap_s=_NATS_BACKOFF_MAX_S)
+
+    async def send_webhooks(self) -> bool:
+        claimed = await self._claim("webhook", _WEBHOOK_CONCURRENCY)
+        outcomes = await asyncio.gather(*(self._deliver(row) for row in claimed))
+        await self._record(outcomes)
+        return len(claimed) == _WEBHOOK_CONCURRENCY
+
+    async def housekeeping(self) -> bool:
+        self.lag_s = await repo.lag_seconds(self.pool)
+        LAG.set(self.lag_s)
+        await repo.purge(self.pool, retention_s=self.settings.events_retention_s, limit=1000)
+        await asyncio.sleep(_HOUSEKEEPING_S)
+        return False
+
+    async def _claim(self, kind: str, limit: int) -> list[asyncpg.Record]:
+        return await repo.claim(self.pool, kind=kind, limit=limit, lease_s=self.settings.relay_lease_s)
+
+    async def _deliver(self, row: asyncpg.Record) -> repo.Outcome:
+        event = self._event(row)
+        if isinstance(event, Exception):
+            return self._unbuildable(row, event)
+        answer = await self._webhooks.send(url=row["url"], secret=row["secret"], msg_id=event["id"], body=encode(event))
+        if answer.ok:
+            return repo.Outcome(row["id"], row["sink_id"], True, 0.0, answer.status, answer.latency_ms)
+        failed = self._failed(row, error=answer.error, cap_s=self.settings.webhook_backoff_max_s)
+        return repo.Outcome(row["id"], row["sink_id"], False, failed.retry_in_s, answer.status, answer.latency_ms,
+                            answer.error)
+
+    def _failed(self, row: asyncpg.Record, *, error: str | None, cap_s: float) -> repo.Outcome:
+        return repo.Outcome(row["id"], row["sink_id"], False, self._backoff(row["attempts"], cap_s), error=error)
+
+    def _backoff(self, attempts: int, cap_s: float) -> float:
+        """Exponential with jitter (half to all of the step), so endpoints that failed together retry apart."""
+        step = min(cap_s, self.settings.relay_backoff_base_s * 2 ** min(attempts - 1, 30))
+        return float(step * random.uniform(0.5, 1.0))
+
+    def _event(self, row: asyncpg.Record) -> dict[str, Any] | ValueError:
+        """The envelope, or why it can't be built (a snapshot this version can't read): that delivery is retried
+        and shows the error, instead of one event stopping every other."""
+        try:
+            return cloud_event(row, source=self.settings.events_source)
+        except ValueError as exc:  # pydantic's ValidationError included
+            return exc
+
+    def _unbuildable(self, row: asyncpg.Record, exc: Exception) -> repo.Outcome:
+        log.error("event %s can't be built: %r", row["event_id"], exc)
+        return self._failed(row, error=f"can't build the event: {exc}"[:500], cap_s=self.settings.webhook_backoff_max_s)
+
+    async def _record(self, outcomes: list[repo.Outcome]) -> None:
+        if not outcomes:
+            return
+        async with self.pool.acquire() as conn:
+            await repo.record(conn, outcomes, disable_after_s=self.settings.webhook_disable_after_s)
+
+    async def close(self) -> None:
+        await self._webhooks.close()
+        if self._nats is not None:
+            await self._nats.close()

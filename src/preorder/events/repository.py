@@ -1,0 +1,265 @@
+"""All events SQL: the outbox (order_events), the sinks and their deliveries, the pull feed."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from preorder.db import PgConn, PgPool
+
+PoolOrConn = PgPool | PgConn
+_FULL_TYPE = "'preorder.order.' || e.type"
+
+# Queue every event not yet relayed for each sink that takes it (a paused or disabled endpoint too: it gets its
+# backlog when resumed, and the lag counts only active sinks).
+# SKIP LOCKED: relays in several processes take disjoint batches. The order in which batches are queued does not
+# matter: a delivery is sent only once every earlier event of its order is relayed and delivered (see _CLAIM).
+_FAN_OUT = f"""
+WITH ev AS (
+    SELECT id, order_id, sequence, type, created_at FROM order_events e
+    WHERE relayed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+), d AS (
+    INSERT INTO event_deliveries (sink_id, event_row, order_id, sequence, event_at, give_up_at)
+    SELECT s.id, e.id, e.order_id, e.sequence, e.created_at, now() + make_interval(secs => $2::float8)
+    FROM ev e JOIN event_sinks s ON s.event_types IS NULL OR {_FULL_TYPE} = ANY (s.event_types)
+    ON CONFLICT (sink_id, event_row) DO NOTHING
+), u AS (
+    UPDATE order_events SET relayed_at = now() WHERE id IN (SELECT id FROM ev)
+)
+SELECT count(*) FROM ev
+"""
+
+
+async def fan_out(conn: PoolOrConn, *, limit: int, retry_for_s: float) -> int:
+    """How many events were queued (limit: there may be more)."""
+    return int(await conn.fetchval(_FAN_OUT, limit, retry_for_s))
+
+
+async def sync_nats_sink(conn: PoolOrConn, url: str) -> None:
+    """The NATS sink exists exactly while NATS is configured: without it, its queue (and the lag) would grow."""
+    if not url:
+        await conn.execute("DELETE FROM event_sinks WHERE kind = 'nats'")
+        return
+    await conn.execute(
+        """INSERT INTO event_sinks (id, kind, url) VALUES ($1, 'nats', $2)
+           ON CONFLICT (kind) WHERE kind = 'nats' DO UPDATE SET url = EXCLUDED.url, updated_at = now()""",
+        uuid.uuid4(), url,
+    )
+
+
+# The deliveries due now whose sink is active and that are first in line: no earlier event of the same order is
+# still pending for that sink or not yet relayed. A claim is a lease: next_attempt_at moves past the time a send
+# can take, so a process killed mid-send leaves the delivery to be retried, and no other process takes it meanwhile.
+_CLAIM = """
+WITH c AS (
+    SELECT d.id FROM event_deliveries d JOIN event_sinks s ON s.id = d.sink_id
+    WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND s.kind = $1 AND s.status = 'active'
+      AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.status = 'pending' AND p.sink_id = d.sink_id
+                          AND p.order_id = d.order_id AND p.sequence < d.sequence)
+      AND NOT EXISTS (SELECT 1 FROM order_events q WHERE q.order_id = d.order_id AND q.sequence < d.sequence
+                          AND q.relayed_at IS NULL)
+    ORDER BY d.next_attempt_at, d.id LIMIT $2 FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE event_deliveries d SET next_attempt_at = now() + make_interval(secs => $3::float8),
+    attempts = d.attempts + 1, last_attempt_at = now()
+FROM c, order_events e, event_sinks s
+WHERE d.id = c.id AND e.id = d.event_row AND s.id = d.sink_id
+RETURNING d.id, d.sink_id, d.attempts, s.url, s.secret,
+          e.id AS event_row, e.event_id, e.order_id, e.sequence, e.type, e.data, e.created_at
+"""
+
+
+async def claim(conn: PoolOrConn, *, kind: str, limit: int, lease_s: float) -> list[asyncpg.Record]:
+    return await conn.fetch(_CLAIM, kind, limit, lease_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    delivery_id: int
+    sink_id: uuid.UUID
+    ok: bool
+    retry_in_s: float
+    response_code: int | None = None
+    latency_ms: int | None = None
+    error: str | None = None
+
+
+_RECORD = """
+UPDATE event_deliveries d SET
+    status = CASE WHEN r.ok THEN 'delivered'
+                  WHEN now() + make_interval(secs => r.delay) > d.give_up_at THEN 'failed' ELSE 'pending' END,
+    finished_at = CASE WHEN r.ok OR now() + make_interval(secs => r.delay) > d.give_up_at THEN now() END,
+    next_attempt_at = CASE WHEN r.ok THEN d.next_attempt_at ELSE now() + make_interval(secs => r.delay) END,
+    response_code = r.code, latency_ms = r.latency, last_error = r.error
+FROM unnest($1::bigint[], $2::bool[], $3::int[], $4::int[], $5::text[], $6::float8[])
+    AS r(id, ok, code, latency, error, delay)
+WHERE d.id = r.id
+"""
+
+# A webhook endpoint's health: any success clears its failing mark; one that has failed since longer than the
+# bound is disabled (its pending deliveries then wait for an admin to resume it).
+_SINK_HEALTH = """
+UPDATE event_sinks s SET
+    failing_since = CASE WHEN r.ok THEN NULL ELSE COALESCE(s.failing_since, now()) END,
+    status = CASE WHEN NOT r.ok AND s.status = 'active'
+                       AND s.failing_since < now() - make_interval(secs => $3::float8) THEN 'disabled'
+                  ELSE s.status END,
+    updated_at = now()
+FROM (SELECT sink, bool_or(ok) AS ok FROM unnest($1::uuid[], $2::bool[]) AS t(sink, ok) GROUP BY sink) r
+WHERE s.id = r.sink AND s.kind = 'webhook'
+"""
+
+
+async def record(conn: PgConn, outcomes: Sequence[Outcome], *, disable_after_s: float) -> None:
+    if not outcomes:
+        return
+    async with conn.transaction():
+        await conn.execute(
+            _RECORD,
+            [o.delivery_id for o in outcomes], [o.ok for o in outcomes], [o.response_code for o in outcomes],
+            [o.latency_ms for o in outcomes], [o.error for o in outcomes], [o.retry_in_s for o in outcomes],
+        )
+        await conn.execute(_SINK_HEALTH, [o.sink_id for o in outcomes], [o.ok for o in outcomes], disable_after_s)
+
+
+async def lag_seconds(conn: PoolOrConn) -> float:
+    """Age of the oldest event some active sink has not received yet (0 when all are out)."""
+    lag = await conn.fetchval(
+        """SELECT EXTRACT(EPOCH FROM now() - LEAST(
+               (SELECT created_at FROM order_events WHERE relayed_at IS NULL ORDER BY id LIMIT 1),
+               (SELECT min(d.event_at) FROM event_deliveries d JOIN event_sinks s ON s.id = d.sink_id
+                WHERE d.status = 'pending' AND s.status = 'active')))"""
+    )
+    return max(0.0, float(lag or 0))
+
+
+async def purge(conn: PoolOrConn, *, retention_s: float, limit: int) -> int:
+    """Finished deliveries past the retention period. The events themselves are the order history (I5): kept."""
+    result = await conn.execute(
+        """DELETE FROM event_deliveries WHERE id IN (
+               SELECT id FROM event_deliveries
+               WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => $1::float8) LIMIT $2)""",
+        retention_s, limit,
+    )
+    return int(result.split()[-1])
+
+
+# ---- webhook endpoints ------------------------------------------------------------------------------------
+
+_SINK_COLUMNS = "id, url, event_types, description, status, failing_since, created_at, updated_at"
+
+
+@dataclass(frozen=True, slots=True)
+class NewEndpoint:
+    endpoint_id: uuid.UUID
+    url: str
+    secret: str
+    event_types: Sequence[str] | None
+    description: str | None
+
+
+async def insert_endpoint(conn: PoolOrConn, new: NewEndpoint) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"""INSERT INTO event_sinks (id, kind, url, secret, event_types, description)
+            VALUES ($1, 'webhook', $2, $3, $4, $5) RETURNING {_SINK_COLUMNS}""",
+        new.endpoint_id, new.url, new.secret, new.event_types, new.description,
+    )
+    assert row is not None
+    return row  # type: ignore[no-any-return]
+
+
+async def endpoints(conn: PoolOrConn) -> list[asyncpg.Record]:
+    return await conn.fetch(f"SELECT {_SINK_COLUMNS} FROM event_sinks WHERE kind = 'webhook' ORDER BY created_at")
+
+
+async def endpoint(conn: PoolOrConn, endpoint_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_SINK_COLUMNS} FROM event_sinks WHERE id = $1 AND kind = 'webhook'", endpoint_id
+    )
+
+
+# Only the fields given change (NULL keeps the stored value); event_types has its own flag, as NULL means "all".
+_UPDATE_ENDPOINT = f"""
+UPDATE event_sinks SET
+    url = COALESCE($2, url), secret = COALESCE($3, secret), description = COALESCE($4, description),
+    event_types = CASE WHEN $5 THEN $6 ELSE event_types END,
+    status = COALESCE($7, status),
+    failing_since = CASE WHEN $7 = 'active' THEN NULL ELSE failing_since END,
+    updated_at = now()
+WHERE id = $1 AND kind = 'webhook'
+RETURNING {_SINK_COLUMNS}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointChange:
+    url: str | None = None
+    secret: str | None = None
+    description: str | None = None
+    set_event_types: bool = False
+    event_types: Sequence[str] | None = None
+    status: str | None = None
+
+
+async def update_endpoint(conn: PoolOrConn, endpoint_id: uuid.UUID, change: EndpointChange) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        _UPDATE_ENDPOINT, endpoint_id, change.url, change.secret, change.description,
+        change.set_event_types, change.event_types, change.status,
+    )
+
+
+async def delete_endpoint(conn: PoolOrConn, endpoint_id: uuid.UUID) -> bool:
+    result = await conn.execute("DELETE FROM event_sinks WHERE id = $1 AND kind = 'webhook'", endpoint_id)
+    return result.split()[-1] == "1"
+
+
+_DELIVERY_COLUMNS = f"""d.id, e.event_id, {_FULL_TYPE} AS type, d.order_id, d.sequence, d.status, d.attempts,
+    d.response_code, d.latency_ms, d.last_error, d.last_attempt_at,
+    CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at, d.created_at, d.finished_at"""
+
+
+async def deliveries(
+    conn: PoolOrConn, endpoint_id: uuid.UUID, *, before: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """Newest first, a page before the delivery id given."""
+    return await conn.fetch(
+        f"""SELECT {_DELIVERY_COLUMNS} FROM event_deliveries d JOIN order_events e ON e.id = d.event_row
+            WHERE d.sink_id = $1 AND ($2::bigint IS NULL OR d.id < $2) ORDER BY d.id DESC LIMIT $3""",
+        endpoint_id, before, limit,
+    )
+
+
+async def retry(
+    conn: PoolOrConn, endpoint_id: uuid.UUID, delivery_id: int, *, retry_for_s: float
+) -> asyncpg.Record | None:
+    """Due again at once, with a new retry period (a delivered one is sent again too)."""
+    return await conn.fetchrow(
+        f"""WITH d AS (
+                UPDATE event_deliveries SET status = 'pending', next_attempt_at = now(), finished_at = NULL,
+                    give_up_at = now() + make_interval(secs => $3::float8)
+                WHERE id = $2 AND sink_id = $1 RETURNING *
+            )
+            SELECT {_DELIVERY_COLUMNS} FROM d JOIN order_events e ON e.id = d.event_row""",
+        endpoint_id, delivery_id, retry_for_s,
+    )
+
+
+# ---- the pull feed ------------------------------------------------------------------------------------------
+
+# Only events older than `settle_s` are listed: an event row commits within one statement timeout of its
+# created_at or never, so by then no event with a smaller id can still appear behind a consumer's cursor.
+_FEED = """
+SELECT e.id, e.event_id, e.order_id, e.sequence, e.type, e.data, e.created_at FROM order_events e
+WHERE e.id > $1 AND e.created_at < now() - make_interval(secs => $4::float8)
+  AND ($3::text IS NULL OR e.order_id IN (SELECT id FROM orders WHERE user_id = $3))
+ORDER BY e.id LIMIT $2
+"""
+
+
+async def feed(
+    conn: PoolOrConn, *, after: int, limit: int, user_id: str | None, settle_s: float
+) -> list[asyncpg.Record]:
+    return await conn.fetch(_FEED, after, limit, user_id, settle_s)

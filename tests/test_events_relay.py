@@ -1,0 +1,277 @@
+"""The relay, in process, against a real NATS JetStream and a real webhook receiver: delivery, signatures,
+order per order, retries with backoff, give-up, disabling, pause, manual retry, lag."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from preorder.settings import Settings
+from tests.conftest import ADMIN, bearer, make_product, make_settings, serving
+from tests.events_peers import Receiver, purge_stream, receiving, stream_events
+from tests.harness import eventually
+from tests.invariants import assert_events_delivered
+
+FAST = {
+    "relay_enabled": True, "relay_interval_s": 0.05, "relay_backoff_base_s": 0.1, "webhook_backoff_max_s": 0.4,
+    "webhook_timeout_s": 1.0, "relay_lease_s": 3.0,
+}
+
+
+@pytest.fixture
+async def receiver(redis: aioredis.Redis) -> AsyncIterator[Receiver]:
+    """A fresh receiver, and Redis emptied (the products of an earlier test are gone from PostgreSQL)."""
+    async with receiving(hang_s=2.5) as r:
+        yield r
+
+
+def relay_settings(settings: Settings, **overrides: Any) -> Settings:
+    return make_settings(settings.database_url, settings.redis_url, **{**FAST, **overrides})
+
+
+async def endpoint(client: httpx.AsyncClient, receiver: Receiver, name: str, **body: Any) -> dict[str, Any]:
+    r = await client.post("/api/webhooks", json={"url": receiver.url(name), **body}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    created = dict(r.json())
+    receiver.secrets[name] = created["secret"]
+    return created
+
+
+async def orders_with_history(client: httpx.AsyncClient, count: int, *, batch: str = "") -> list[str]:
+    """`count` orders; every other one paid, every third cancelled: 1 to 3 events each."""
+    ids = []
+    for i in range(count):
+        user = bearer(f"U{i}")
+        r = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1}, headers=user)
+        assert r.status_code == 201, r.text
+        order = r.json()
+        ids.append(order["order_id"])
+        if i % 2 == 0:
+            pay = {"status": "paid", "payment": {"reference": f"PAY-{batch}{i}", "amount": order["amount_due"]}}
+            assert (await client.put(f"/api/preorder/{order['order_id']}", json=pay, headers=user)).status_code == 200
+        if i % 3 == 0:
+            assert (await client.delete(f"/api/preorder/{order['order_id']}", headers=user)).status_code == 200
+    return ids
+
+
+async def deliveries(client: httpx.AsyncClient, endpoint_id: str) -> list[dict[str, Any]]:
+    r = await client.get(f"/api/webhooks/{endpoint_id}/deliveries", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    return list(r.json()["items"])
+
+
+async def test_every_event_reaches_nats_and_every_endpoint_signed_and_in_order(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver, nats_url: str
+) -> None:
+    await purge_stream(nats_url)
+    async with serving(relay_settings(settings, nats_url=nats_url)) as client:
+        await make_product(client)
+        everything = await endpoint(client, receiver, "all")
+        await endpoint(client, receiver, "paid", event_types=["preorder.order.paid"])
+        await orders_with_history(client, 12)
+
+        async def delivered() -> None:
+            await assert_events_delivered(db, {"nats": await stream_events(nats_url), "all": receiver.events("all")})
+
+        await eventually(delivered, within=30)
+        assert {e["type"] for e in receiver.events("paid")} == {"preorder.order.paid"}
+        assert len(receiver.events("paid")) == 6
+        assert not receiver.forged
+        sent = await deliveries(client, everything["id"])
+        assert {d["status"] for d in sent} == {"delivered"} and {d["response_code"] for d in sent} == {204}
+        assert all(d["latency_ms"] is not None and d["next_attempt_at"] is None for d in sent)
+        headers = receiver.received["all"][0].headers
+        assert headers["webhook-id"] == receiver.events("all")[0]["id"]
+        assert headers["content-type"] == "application/cloudevents+json"
+
+
+async def test_a_failing_endpoint_is_retried_while_later_events_of_the_order_wait(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    receiver.mode = "fail"
+    async with serving(relay_settings(settings)) as client:
+        await make_product(client)
+        hook = await endpoint(client, receiver, "h")
+        await orders_with_history(client, 1)  # created, paid, cancelled
+
+        async def retried() -> list[dict[str, Any]]:
+            got = await deliveries(client, hook["id"])
+            first = [d for d in got if d["sequence"] == 1]
+            assert first and first[0]["attempts"] >= 3, got
+            return got
+
+        got = await eventually(retried, within=20)
+        first = next(d for d in got if d["sequence"] == 1)
+        assert first["status"] == "pending" and first["response_code"] == 500 and first["next_attempt_at"]
+        assert all(d["attempts"] == 0 for d in got if d["sequence"] > 1)  # waiting behind the first
+        receiver.mode = "ok"
+
+        async def delivered() -> None:
+            await assert_events_delivered(db, {"h": receiver.events("h")})
+
+        await eventually(delivered, within=20)
+        assert [e["sequence"] for e in receiver.events("h")] == [1, 2, 3]
+
+
+async def test_a_receiver_that_hangs_is_timed_out_and_retried(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    receiver.mode = "hang"
+    async with serving(relay_settings(settings)) as client:
+        await make_product(client)
+        hook = await endpoint(client, receiver, "h")
+        await orders_with_history(client, 1)
+
+        async def timed_out() -> None:
+            got = await deliveries(client, hook["id"])
+            assert any("Timeout" in (d["last_error"] or "") for d in got), got
+
+        await eventually(timed_out, within=20)
+        receiver.mode = "ok"
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=20)
+
+
+async def test_a_delivery_past_its_retry_period_fails_and_an_admin_can_send_it_again(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    receiver.mode = "fail"
+    async with serving(relay_settings(settings, webhook_retry_for_s=0.5)) as client:
+        await make_product(client)
+        hook = await endpoint(client, receiver, "h")
+        r = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1}, headers=bearer("U1"))
+        assert r.status_code == 201
+
+        async def failed() -> dict[str, Any]:
+            got = await deliveries(client, hook["id"])
+            assert got and got[0]["status"] == "failed", got
+            return got[0]
+
+        delivery = await eventually(failed, within=20)
+        receiver.mode = "ok"
+        url = f"/api/webhooks/{hook['id']}/deliveries/{delivery['id']}/retry"
+        again = await client.post(url, headers=ADMIN)
+        assert again.status_code == 202 and again.json()["status"] == "pending"
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=20)
+        unknown = await client.post(f"/api/webhooks/{hook['id']}/deliveries/999999/retry", headers=ADMIN)
+        assert unknown.status_code == 404
+
+
+async def test_an_endpoint_failing_past_the_bound_is_disabled_until_resumed(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    receiver.mode = "fail"
+    async with serving(relay_settings(settings, webhook_disable_after_s=0.5)) as client:
+        await make_product(client)
+        hook = await endpoint(client, receiver, "h")
+        await orders_with_history(client, 1)
+
+        async def disabled() -> None:
+            got = (await client.get(f"/api/webhooks/{hook['id']}", headers=ADMIN)).json()
+            assert got["status"] == "disabled" and got["failing_since"], got
+
+        await eventually(disabled, within=20)
+        receiver.mode = "ok"
+        resumed = await client.patch(f"/api/webhooks/{hook['id']}", json={"status": "active"}, headers=ADMIN)
+        assert resumed.json()["status"] == "active" and resumed.json()["failing_since"] is None
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=20)
+
+
+async def test_a_paused_endpoint_queues_its_events_until_resumed(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    async with serving(relay_settings(settings)) as client:
+        await make_product(client)
+        hook = await endpoint(client, receiver, "h")
+        await client.patch(f"/api/webhooks/{hook['id']}", json={"status": "paused"}, headers=ADMIN)
+        await orders_with_history(client, 2)
+
+        async def queued() -> None:
+            got = await deliveries(client, hook["id"])
+            assert len(got) == 4 and {d["status"] for d in got} == {"pending"}, got
+
+        await eventually(queued, within=20)
+        assert receiver.attempts == 0
+        await client.patch(f"/api/webhooks/{hook['id']}", json={"status": "active"}, headers=ADMIN)
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=20)
+
+
+async def test_lag_is_a_metric_and_readyz_says_degraded_past_the_bound(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    receiver.mode = "fail"
+    async with serving(relay_settings(settings, events_lag_degraded_s=0.5)) as client:
+        await make_product(client)
+        await endpoint(client, receiver, "h")
+        assert (await client.get("/readyz")).json()["events"] == "ok"
+        await orders_with_history(client, 1)
+
+        async def degraded() -> None:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.json()
+            metrics = (await client.get("/metrics")).text
+            lag = next(line for line in metrics.splitlines() if line.startswith("preorder_events_relay_lag_seconds"))
+            assert float(lag.split()[-1]) > 0.5
+
+        await eventually(degraded, within=20)
+        receiver.mode = "ok"
+
+        async def caught_up() -> None:
+            assert (await client.get("/readyz")).json()["events"] == "ok"
+
+        await eventually(caught_up, within=20)
+
+
+async def test_finished_deliveries_are_purged_after_the_retention_but_the_history_stays(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    async with serving(relay_settings(settings, events_retention_s=0.5)) as client:
+        await make_product(client)
+        await endpoint(client, receiver, "h")
+        await orders_with_history(client, 2)
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=20)
+
+        async def purged() -> None:
+            assert await db.fetchval("SELECT count(*) FROM event_deliveries") == 0
+
+        await eventually(purged, within=20)
+        assert await db.fetchval("SELECT count(*) FROM order_events") == 4
+
+
+async def test_two_relays_deliver_each_event_once_in_order(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    relay = relay_settings(settings)
+    async with serving(relay) as client, serving(relay):
+        await make_product(client)
+        await endpoint(client, receiver, "h")
+        await asyncio.gather(*(orders_with_history(client, 6, batch=f"B{b}-") for b in range(3)))
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=30)
+        ids = [e["id"] for e in receiver.events("h")]
+        assert len(ids) == len(set(ids))
+
+
+async def test_an_event_that_cannot_be_built_waits_alone_and_says_why(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    async with serving(relay_settings(settings, relay_enabled=False)) as client:  # written, not yet relayed
+        await make_product(client)
+        hook = await endpoint(client, receiver, "h")
+        broken, fine = await orders_with_history(client, 2, batch="P")
+    await db.execute("""UPDATE order_events SET data = '{"id": "not an order"}' WHERE order_id = $1""",
+                     uuid.UUID(broken))
+    async with serving(relay_settings(settings)) as client:
+
+        async def others_delivered() -> None:
+            got = {e["subject"] for e in receiver.events("h")}
+            assert got == {fine}, got
+            stuck = [d for d in await deliveries(client, hook["id"]) if d["order_id"] == broken]
+            assert any("can't build" in (d["last_error"] or "") for d in stuck), stuck
+
+        await eventually(others_delivered, within=20)
