@@ -141,6 +141,9 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
             process.wait(10)
         if process.poll() is None:
             process.kill()
+
+
+@dataclass
 class EmbeddedRedisCluster:
     """A real Redis Cluster on loopback from the same redis-server binary: `primaries` primaries with
     `replicas` replicas each, created by redis-cli's `--cluster create`. A node that is killed and started

@@ -247,7 +247,7 @@ WITH due AS (
     INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
     SELECT id, 'pending', 'cancelled', 'system', 'payment_timeout', {_NEXT_SEQUENCE}, 'cancelled', to_jsonb(o) FROM o
 )
-SELECT id, product_id FROM o
+SELECT id, product_id, user_id, quantity FROM o
 """
 
 
@@ -263,3 +263,10 @@ async def purge_idempotency(conn: PoolOrConn, *, limit: int) -> int:
         limit,
     )
     return int(result.split()[-1])
+
+
+async def unpaid_by_customer(conn: PoolOrConn) -> dict[str, int]:
+    """Units in pending (unpaid) orders, per customer: the truth the Redis unpaid counters are recounted from."""
+    rows = await conn.fetch("SELECT user_id, SUM(quantity)::int AS units FROM orders WHERE status = 'pending' "
+                            "GROUP BY user_id")
+    return {r["user_id"]: r["units"] for r in rows}

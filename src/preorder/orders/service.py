@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 
+from preorder.audit import repository as audit
+from preorder.audit.actor import Actor
 from preorder.auth import Principal
 from preorder.cache import RedisClient
 from preorder.db import PgConn, PgPool
@@ -34,6 +36,7 @@ from preorder.orders.group_commit import GroupCommit
 from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
 from preorder.products import repository as products_repo
 from preorder.settings import Settings
+from preorder.stock.customers import Admission
 from preorder.stock.keys import idempotency_marker
 from preorder.stock.service import Ask, Reservation, Stock
 
@@ -110,23 +113,45 @@ class Orders:
     async def _create(
         self, user_id: str, body: OrderCreate, client: str, key: str | None, fingerprint: str | None
     ) -> OrderOut:
-        self.stock.refuse_if_sold_out(body.product_id)  # most of a flash sale: answered before any other work
+        self.stock.refuse_from_memory(body.product_id)  # most of a flash sale: answered before any other work
         if body.payment is not None:
             await self._check_payment_at_create(body.product_id, body.quantity, body.payment)
         order_id = new_id()
-        held = await self.stock.reserve(
-            Ask(product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id, client=client)
-        )
+        ask = Ask(product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id,
+                  client=client)
+        held, admission = await self._reserve(ask)
         new = repo.NewOrder(
             order_id=order_id, product_id=body.product_id, user_id=user_id, quantity=body.quantity,
             epoch=held.epoch, deadline=self._deadline(held), idempotency_key=key, fingerprint=fingerprint,
             idempotency_ttl_s=self.settings.idempotency_ttl_s,
         )
-        row = await self._write(new)
+        try:
+            row = await self._write(new)
+        except Exception:
+            await admission.cancel()
+            raise
         order = to_out(row)
         if body.payment is not None:
             order = await self._pay_at_once(order, body.payment, user_id)
         return order
+
+    async def _reserve(self, ask: Ask) -> tuple[Reservation, Admission]:
+        """The customer's admission and the product's reservation, queued in the same loop turn: one pipeline,
+        one round trip. Each side undoes itself if the other refuses; a customer's refusal wins (429 before 404)
+        and comes before any PostgreSQL work (loading a product it has not seen)."""
+        admission = self.stock.customers.admit(user_id=ask.user_id, address=ask.client, quantity=ask.quantity)
+        try:
+            held = await self.stock.reserve(ask, before_loading=admission.check)
+        except Exception:
+            await admission.check()
+            await admission.cancel()
+            raise
+        try:
+            await admission.check()
+        except Exception:
+            await self.stock.release(ask.product_id, ask.order_id)
+            raise
+        return held, admission
 
     def _deadline(self, held: Reservation) -> datetime:
         return datetime.fromtimestamp(held.reserved_at_ms / 1000, UTC) + timedelta(
@@ -202,7 +227,9 @@ class Orders:
             raise NotFound(f"No order {order_id}")
         return to_out(row)
 
-    async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange) -> OrderOut:
+    async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange, *,
+                            client: str = "service") -> OrderOut:
+        """An admin's change is written to the audit log in the same transaction, with the client address."""
         if not machine.may_ever(principal, change.status):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
         rule = machine.rule_for(order.status, change.status)
@@ -211,19 +238,22 @@ class Orders:
                                     current=order.status)
         if not machine.may(principal, rule):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
-        row = await self._transition(principal, order, change)
+        row = await self._transition(principal, order, change, client=client)
         if row is None:  # lost a race, or the payment window closed: say which
             current = await self.get(principal, order.order_id)
             if current.status == order.status == "pending" and change.status == "paid":
                 raise InvalidTransition("The payment window has closed", current="pending")
             raise InvalidTransition(f"The order is {current.status} now", current=current.status)
+        if order.status == "pending":  # no longer unpaid: its units leave the customer's unpaid count
+            await self.stock.customers.give_back(order.user_id, order.quantity)
         if rule.stock == "release":
             await self.stock.release(order.product_id, order.order_id)
         elif rule.stock == "drop":
             await self.stock.drop(order.product_id, order.order_id)
         return to_out(row)
 
-    async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange) -> asyncpg.Record | None:
+    async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
+                          ) -> asyncpg.Record | None:
         paid = _check_payment(order, change) if change.status == "paid" else None
         record = repo.Change(
             order_id=order.order_id, frm=order.status, to=change.status, actor=principal.sub,
@@ -231,16 +261,27 @@ class Orders:
             payment_reference=paid.reference if paid else None, amount_paid=paid.amount if paid else None,
         )
         try:
-            return await repo.transition(self.pool, record)
+            if not principal.is_admin:
+                return await repo.transition(self.pool, record)
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await repo.transition(conn, record)
+                if row is not None:
+                    await audit.record(conn, Actor(principal, client).did(
+                        f"order.{change.status}", str(order.order_id), before={"status": order.status},
+                        after={"status": change.status, "reason": record.reason, "refund": order.status == "paid"
+                               and change.status == "cancelled"}))
+                return row
         except asyncpg.UniqueViolationError:
             raise PaymentReferenceUsed("This payment reference has already paid an order") from None
 
-    async def cancel(self, principal: Principal, order: OrderOut, reason: str | None) -> OrderOut:
+    async def cancel(self, principal: Principal, order: OrderOut, reason: str | None, *, client: str = "service"
+                     ) -> OrderOut:
         """DELETE: cancelling a cancelled order answers the same and releases nothing."""
         if order.status == "cancelled":
             return order
         try:
-            return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason))
+            return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason),
+                                            client=client)
         except InvalidTransition as lost:
             # The sweeper or another DELETE cancelled it first (and released it): the same answer as a repeat.
             if lost.extra.get("current") != "cancelled":
@@ -251,6 +292,7 @@ class Orders:
         """Cancel unpaid orders past their window (safe to run in every process at once)."""
         rows = await repo.expire_due(self.pool, limit=limit)
         for r in rows:
+            await self.stock.customers.give_back(r["user_id"], r["quantity"])
             await self.stock.release(r["product_id"], r["id"])
         return len(rows)
 
