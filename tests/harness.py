@@ -78,7 +78,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, *, within: float = 30) -> None:
+    async def start(self, *, within: float = 60) -> None:  # a loaded 2-core machine takes its time to import
         self._spawn()
         await eventually(self._healthy, within=within, interval=0.1)
 
