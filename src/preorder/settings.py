@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(default=3_000, ge=100)
     db_connect_timeout_s: float = Field(default=2.0, gt=0)
     # Every pool acquire waits at most this long (then 503): with PostgreSQL hung, requests must not queue.
-    db_acquire_timeout_s: float = Field(default=5.0, gt=0)
+    db_acquire_timeout_s: float = Field(default=10.0, gt=0)
     redis_timeout_s: float = Field(default=1.0, gt=0)
     redis_pool_max: int = Field(default=64, ge=1)
 
