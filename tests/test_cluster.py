@@ -128,7 +128,8 @@ async def test_a_primary_killed_under_load_fails_over_to_its_replica_and_keeps_e
         await asyncio.wait_for(_created_after(traffic, killed_at, 100), timeout=60)  # served again
     traffic.assert_only({201, 503})
     traffic.assert_503s_are_problems()
-    assert traffic.statuses()[503] > 0, "the failover was noticed"
+    # Whether clients saw 503s depends on how fast the replica took over: redis-py's cluster client retries a
+    # dead node while the cluster fails over, and a fast failover is answered 201 throughout.
     await asyncio.to_thread(cluster.wait_healthy)
     assert await _slot_owner_port(cluster_client) != victim.port, "the replica took the slot over"
     assert await cache.identity(cluster_client) != before
