@@ -134,8 +134,9 @@ class Podman:
         self.say(f"built {IMAGE}: {self.output('image', 'inspect', '--format', '{{.Size}}', IMAGE)} bytes")
 
     def logs(self, container: str) -> str:
-        """What the container printed (uvicorn logs to stderr, which podman logs replays on its own)."""
-        return self("logs", container, capture_output=True, check=False).stderr
+        """What the container printed, on either stream (the service's JSON log lines go to stdout)."""
+        printed = self("logs", container, capture_output=True, check=False)
+        return printed.stdout + printed.stderr
 
     def run(self, *args: str, env: dict[str, str], mounts: Sequence[str] = ()) -> str:
         """A one-shot command in the image; its output."""
