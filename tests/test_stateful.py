@@ -84,7 +84,7 @@ class OrdersMachine(RuleBasedStateMachine):
         s = self.app_settings
         self.db: asyncpg.Connection = await asyncpg.connect(asyncpg_dsn(s.database_url))
         self.stack.push_async_callback(self.db.close)
-        await self.db.execute("TRUNCATE refunds, idempotency_keys, order_events, orders, products")
+        await self.db.execute("TRUNCATE refunds, payments, idempotency_keys, order_events, orders, products")
         self.redis = redis_client(s.redis_url)
         self.stack.push_async_callback(self.redis.aclose)
         await self.redis.flushdb()

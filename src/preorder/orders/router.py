@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
-from preorder.auth import BEARER_SECURITY, CurrentUser, Principal, bearer_principal
+from preorder.auth import BEARER_SECURITY, Admin, CurrentUser, Principal, bearer_principal
 from preorder.errors import BadRequest, DomainError, Forbidden, render
 from preorder.orders import repository as repo
 from preorder.orders.schemas import (
@@ -21,6 +21,12 @@ from preorder.orders.schemas import (
     OrderOut,
     OrderPage,
     OrderQuery,
+    PaymentIn,
+    PaymentList,
+    PaymentResult,
+    RefundDone,
+    RefundList,
+    RefundOut,
     StatusChange,
     order_json,
 )
@@ -138,3 +144,43 @@ async def cancel_order(order: OwnedOrder, principal: CurrentUser, orders: Orders
 async def order_events(order: OwnedOrder, orders: OrdersDep) -> EventList:
     rows = await repo.events(orders.pool, order.order_id)
     return EventList(order_id=order.order_id, items=[EventOut.model_validate(dict(r)) for r in rows])
+
+
+@router.post("/{order_id}/payments", status_code=status.HTTP_201_CREATED, summary="Record a payment",
+             responses={200: {"model": PaymentResult, "description": "A retry: this reference and body were "
+                              "recorded before; the same result"}, **problems(400, 401, 404, 409, 413, 503)})
+async def record_payment(order: OwnedOrder, body: PaymentIn, principal: CurrentUser, orders: OrdersDep,
+                         response: Response) -> PaymentResult:
+    """A payment the provider has taken, for the order's customer or an admin: `deposit` then `balance` on a
+    deposit-plan order, `full` otherwise. The amount must be exactly what that phase is due, in the order's
+    currency (409 otherwise, nothing recorded); a balance before the balance window opens is refused (409, with
+    `balance_starts_at`). A reference is recorded once: the same reference and body answer the same result
+    (200); another body 409. A payment the order can no longer take (cancelled, forfeited, its window passed,
+    already paid) is still recorded, never re-opens the order, and gets a refund in status `pending`."""
+    result, replayed = await orders.record_payment(principal, order, body)
+    if replayed:
+        response.status_code = status.HTTP_200_OK
+    return result
+
+
+@router.get("/{order_id}/payments", summary="The order's payments", responses=problems(400, 401, 404, 503))
+async def list_payments(order: OwnedOrder, orders: OrdersDep) -> PaymentList:
+    """Every payment recorded for the order, oldest first, with its outcome (applied or refunded)."""
+    return PaymentList(order_id=order.order_id, items=await orders.payments(order))
+
+
+@router.get("/{order_id}/refunds", summary="The order's refunds", responses=problems(400, 401, 404, 503))
+async def list_refunds(order: OwnedOrder, orders: OrdersDep) -> RefundList:
+    """Every refund the order owes or has paid back, oldest first: `pending` until an admin records the
+    provider's refund reference, then `succeeded`."""
+    return RefundList(order_id=order.order_id, items=await orders.refunds(order))
+
+
+@router.post("/{order_id}/refunds/{refund_id}/succeeded", summary="Record that a refund was paid back",
+             responses=problems(400, 401, 403, 404, 409, 503))
+async def refund_succeeded(order_id: uuid.UUID, refund_id: int, body: RefundDone, admin: Admin,
+                           orders: OrdersDep) -> RefundOut:
+    """Admins: the provider has paid the refund back under `provider_reference`; the refund becomes
+    `succeeded`. A repeat with the same reference answers the same; another reference is a 409."""
+    order = await orders.get(admin, order_id)
+    return await orders.refund_succeeded(order, refund_id, body.provider_reference)

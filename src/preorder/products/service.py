@@ -20,7 +20,10 @@ def _out(row: asyncpg.Record, levels: Levels) -> ProductOut:
 
 
 async def create(pool: PgPool, stock: Stock, body: ProductCreate) -> ProductOut:
-    row = await repo.insert(pool, body.model_dump())
+    fields = body.model_dump()
+    for name in ("deposit_amount", "deposit_credit"):  # a full plan has neither: stored as 0
+        fields[name] = fields[name] or 0
+    row = await repo.insert(pool, fields)
     if row is None:
         raise Conflict(f"Product {body.id} already exists")
     await stock.ensure_loaded(body.id)
@@ -51,7 +54,11 @@ async def patch(pool: PgPool, stock: Stock, product_id: str, body: ProductPatch)
         updated.append(await repo.update(conn, product_id, changes))
 
     # Counters, window and limit live in Redis too: change and rebuild them under one new epoch.
-    await stock.rebuild(product_id, apply=apply)
+    try:
+        await stock.rebuild(product_id, apply=apply)
+    except asyncpg.CheckViolationError:
+        # e.g. a new price at or below the deposit, or a presale start after the balance window opens
+        raise BadRequest("The change would make the product's payment plan inconsistent") from None
     return _out(updated[0], await stock.levels(product_id))
 
 

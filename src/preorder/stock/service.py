@@ -21,12 +21,12 @@ from preorder import cache
 from preorder.cache import RedisClient
 from preorder.db import PgConn, PgPool
 from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
+from preorder.status import LIVE
 from preorder.stock import repository as repo
 from preorder.stock.batching import ScriptBatcher
 from preorder.stock.keys import product_keys
 
 log = logging.getLogger("preorder.stock")
-LIVE = ("pending", "paid")  # statuses whose stock is held and can still come back
 
 
 def _script(name: str) -> str:
