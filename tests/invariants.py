@@ -15,7 +15,6 @@ from preorder.status import LIVE, RELEASED
 from preorder.stock.keys import product_keys
 from preorder.stock.service import parse_hold
 
-
 # Every 201 a test client saw for POST /api/preorder (order id -> quantity): the clients of conftest.py and
 # harness.py record them with a response hook, and conftest.py empties it before each test. So I3 is checked for
 # every order a test created, not only for the ones it thought to pass.
