@@ -111,12 +111,14 @@ async def _assert_histories(db: asyncpg.Connection) -> None:
     assert not broken, f"I4/I5 event history broken (created or released twice, or a gap) for {broken}"
 
 
-# I6: what the merchant keeps of an order by the rules, computed from its status and history alone: the full price
-# once paid; the deposit while awaiting the balance, when forfeited, or when its customer cancelled after paying it
-# and the product keeps deposits; nothing otherwise (an admin's cancel, a cancel before any payment, a timeout).
+# I6: what the merchant keeps of an order by the rules, computed from its status and history alone:
+# - deposit plus balance once paid (the price on a full plan; less the deposit's inflation on a deposit plan);
+# - the deposit while awaiting the balance, when forfeited, or when its customer cancelled after paying it and the
+#   product keeps deposits;
+# - nothing otherwise (an admin's cancel, a cancel before any payment, a timeout).
 _KEPT = """
     CASE
-        WHEN o.status IN ('paid', 'shipped', 'completed') THEN o.amount_due
+        WHEN o.status IN ('paid', 'shipped', 'completed') THEN o.deposit_due + o.balance_due
         WHEN o.status IN ('deposit_paid', 'forfeited') THEN o.deposit_due
         WHEN o.status = 'cancelled' AND o.cancelled_by = 'customer' AND NOT o.deposit_refundable
              AND EXISTS (SELECT 1 FROM order_events e WHERE e.order_id = o.id AND e.to_status = 'deposit_paid'
