@@ -14,5 +14,6 @@ COPY --from=build /app /app
 ENV PATH=/app/.venv/bin:$PATH PYTHONUNBUFFERED=1
 USER nobody
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
-CMD ["preorder", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+# The port is PREORDER_PORT (8000 unless set), for `preorder serve` and this check alike.
+HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PREORDER_PORT', '8000') + '/healthz', timeout=2)"]
+CMD ["preorder", "serve", "--host", "0.0.0.0", "--workers", "2"]

@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PYTHON_DOWNLOADS := never
 PYTEST_ARGS ?=
 
-.PHONY: dev test bench lint sync
+.PHONY: dev test bench lint sync image-check
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m venv .tools && .tools/bin/pip install --quiet uv
@@ -25,6 +25,10 @@ test: sync
 bench: sync
 	$(UV) run --frozen python -m bench $(BENCH_ARGS)
 
+# Builds the Dockerfile with podman and tries the image against embedded PostgreSQL and Redis (deploy/image_check.py).
+image-check: sync
+	$(UV) run --frozen python deploy/image_check.py $(IMAGE_CHECK_ARGS)
+
 lint: sync
-	$(UV) run --frozen ruff check src tests
+	$(UV) run --frozen ruff check src tests deploy
 	$(UV) run --frozen mypy

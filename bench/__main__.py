@@ -21,7 +21,8 @@ from typing import Any
 from bench import checks, load, procs, report, stack
 from bench import profile as prof
 
-SCENARIOS = ["bare", "create", "soldout", "spread"]
+SCENARIOS = ["bare", "create", "soldout", "spread", "workers2"]
+WORKERS2 = 2  # the workers of the `workers2` scenario's server (create on the hot product, on both cores)
 PROFILED = ["bare", "create", "soldout"]  # bare: the framework floor to compare the others with
 
 
@@ -130,7 +131,8 @@ class Bench:
         return run
 
     def our_pids(self) -> list[int]:
-        return [*{server.pid for server, _ in self.servers.values()}, *self.backends.pids()]
+        servers = {pid for server, _ in self.servers.values() for pid in procs.family(server.pid)}
+        return [*servers, *self.backends.pids()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,14 +183,21 @@ def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: conte
     stack.migrate(env)
     say(f"PostgreSQL and Redis ready ({'embedded' if backends.embedded else 'from the environment'}), migrated")
     code = _code_version(args.ref)  # read as the servers import the code: the working tree may change later
-    service = stack.start_service(env=env, core=args.server_core, logs=logs, started=started)
+    service = stack.start_service(env=env, cores={args.server_core}, logs=logs, started=started)
     say(f"service up: pid {service[0].pid} at {service[1]} on core {args.server_core}")
     bare = stack.start_bare(env=env, core=args.server_core, logs=logs, started=started)
     say(f"bare app up: pid {bare[0].pid} at {bare[1]} on core {args.server_core}")
+    servers = {s: (bare if s == "bare" else service) for s in SCENARIOS if s != "workers2"}
+    if "workers2" in args.scenarios:
+        # Two workers pinned to one core would only add a second process's overhead: they get both cores,
+        # which they share with wrk, PostgreSQL and Redis (README "Scaling out": what this can and can't show).
+        cores = {args.server_core, args.load_core}
+        servers["workers2"] = stack.start_service(env=env, cores=cores, logs=logs, started=started, workers=WORKERS2)
+        say(f"service with {WORKERS2} workers up: pid {servers['workers2'][0].pid} at {servers['workers2'][1]} "
+            f"on cores {','.join(map(str, sorted(cores)))}")
     seed = stack.seed(service[1], folder=folder, secret=env["PREORDER_JWT_SECRET"], users=args.users,
                       spread=args.spread_products)
     say(f"seeded {len(seed.all_products):,} products and {args.users:,} customer tokens")
-    servers = {s: (bare if s == "bare" else service) for s in SCENARIOS}
     return Bench(args, backends, servers, seed, logs, Ledger(args.connections), say, code)
 
 
@@ -254,6 +263,9 @@ def _finish(bench: Bench, *, out: Path, stamp: str) -> int:
     print(report.table(summaries))
     print("\nratios and targets:")
     print("\n".join(t.line() for t in goals))
+    scaling = report.workers_line(summaries, workers=WORKERS2)
+    if scaling:
+        print(scaling)
     print(f"  (service RSS: max over {ledger.loaded_s:.0f} s of load in {ledger.runs} runs)\n")
     print("\n".join(result.lines()))
     meta = {**_meta(args, ledger), "code": bench.code}
@@ -261,7 +273,8 @@ def _finish(bench: Bench, *, out: Path, stamp: str) -> int:
     report.write_json(json_path, meta=meta, runs=bench.runs, summaries=summaries, goals=goals,
                       checks={"ok": result.ok, **vars(result), "unanswered_orders": result.unanswered_orders})
     print(f"code: commit {bench.code['commit']}, uncommitted in src/: {len(bench.code['uncommitted'])} file(s)")
-    title = (f"preorder bench {stamp} ({bench.code['commit']}): 1 uvicorn worker on core {args.server_core}, "
+    workers2 = f" (workers2: {WORKERS2} on both cores)" if "workers2" in args.scenarios else ""
+    title = (f"preorder bench {stamp} ({bench.code['commit']}): 1 uvicorn worker on core {args.server_core}{workers2}, "
              f"wrk -c{args.connections} on core {args.load_core}, median of {args.rounds} x {args.duration:g}s")
     report.write_chart(png_path, summaries, title=title)
     print(f"\nwrote {json_path}\nwrote {png_path}")
@@ -284,7 +297,8 @@ def _meta(args: argparse.Namespace, ledger: Ledger) -> dict[str, Any]:
         "machine": platform.machine(), "cores": os.cpu_count(), "cpu": _cpu_model(),
         "args": {k: v for k, v in vars(args).items()}, "service_loaded_s": ledger.loaded_s,
         "service_rss_max_mb": ledger.rss_max_bytes / report.MB,
-        "pinning": {"server": args.server_core, "wrk_and_driver": args.load_core,
+        "pinning": {"server": args.server_core, "workers2": [args.server_core, args.load_core],
+                    "wrk_and_driver": args.load_core,
                     "postgres_redis": None if args.no_pin_backends else args.load_core},
     }
 

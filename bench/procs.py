@@ -67,6 +67,11 @@ def children(parent: int) -> list[int]:
     return found
 
 
+def family(pid: int) -> list[int]:
+    """A server and its direct children: uvicorn's supervisor and its workers with --workers N > 1."""
+    return [pid, *children(pid)]
+
+
 def wait_http(url: str, process: Managed, *, timeout_s: float = 60) -> None:
     """Poll until the URL answers 200; fail early (with the log's tail) if the process died."""
     deadline = time.monotonic() + timeout_s
@@ -143,15 +148,16 @@ class Usage:
 
 @contextlib.contextmanager
 def sampled(pid: int, *, ours: Callable[[], list[int]], every_s: float = 0.2) -> Iterator[Usage]:
-    """Sample a process's RSS in a thread while the block runs; CPU and core use are read at both ends."""
-    usage, stop = Usage(rss_max_bytes=rss_bytes(pid)), threading.Event()
+    """Sample the RSS of a server's processes (itself and its workers, see `family`) in a thread while the
+    block runs: the largest one process reached. CPU (all of them together) and core use are read at both ends."""
+    pids = family(pid)
+    usage, stop = Usage(rss_max_bytes=_largest_rss(pids)), threading.Event()
 
     def sample() -> None:
         while not stop.wait(every_s):
-            with contextlib.suppress(OSError, ValueError):
-                usage.rss_max_bytes = max(usage.rss_max_bytes, rss_bytes(pid))
+            usage.rss_max_bytes = max(usage.rss_max_bytes, _largest_rss(pids))
 
-    t0, cpu0, cores0 = time.monotonic(), cpu_seconds(pid), core_busy_ticks()
+    t0, cpu0, cores0 = time.monotonic(), cpu_of(pids), core_busy_ticks()
     ours0, own0 = cpu_of(ours()), own_cpu_seconds()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -161,14 +167,21 @@ def sampled(pid: int, *, ours: Callable[[], list[int]], every_s: float = 0.2) ->
         stop.set()
         sampler.join()
         wall, cores1, ours1 = time.monotonic() - t0, core_busy_ticks(), cpu_of(ours())
-        with contextlib.suppress(OSError):
-            usage.cpu_s = cpu_seconds(pid) - cpu0
+        usage.cpu_s = sum(t - cpu0.get(p, 0.0) for p, t in cpu_of(pids).items())
         usage.core_busy_pct = {
             core: 100 * (cores1[core][0] - busy) / max(cores1[core][1] - total, 1)
             for core, (busy, total) in cores0.items()
         }
         mine = sum(t - ours0.get(p, 0.0) for p, t in ours1.items()) + own_cpu_seconds() - own0
         usage.foreign_cpu_pct = 100 * max(busy_seconds(cores1) - busy_seconds(cores0) - mine, 0) / wall
+
+
+def _largest_rss(pids: list[int]) -> int:
+    sizes = [0]
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            sizes.append(rss_bytes(pid))
+    return max(sizes)
 
 
 def wait_quiet(*, max_busy_pct: float, max_wait_s: float, window_s: float = 1.0) -> float:

@@ -118,6 +118,19 @@ def targets(summaries: list[Summary], *, service_rss_max_mb: float) -> list[Targ
     ]
 
 
+def workers_line(summaries: list[Summary], *, workers: int) -> str | None:
+    """The create path with `workers` workers on both cores against one worker on one core. Not a target:
+    on 2 cores shared with wrk, PostgreSQL and Redis it says what the second core's leftovers buy, and whether
+    a request costs more CPU when processes share the work (see README "Scaling out")."""
+    by = {s.scenario: s for s in summaries}
+    one, many = by.get("create"), by.get("workers2")
+    if one is None or many is None or not one.rps:
+        return None
+    return (f"  {workers} workers / 1 worker (create)   {many.rps / one.rps:8.2f}   throughput; CPU per request "
+            f"{many.cpu_us_per_request:.0f} us vs {one.cpu_us_per_request:.0f} us, server CPU "
+            f"{many.server_cpu_pct:.0f}% vs {one.server_cpu_pct:.0f}% of a core")
+
+
 def table(summaries: list[Summary]) -> str:
     head = (f"{'scenario':<9} {'req/s':>9} {'(min..max)':>17} {'p50 ms':>8} {'p99 ms':>8} {'srv CPU':>8} "
             f"{'CPU us/req':>10} {'RSS MB':>7} {'others':>6}  answers")

@@ -95,6 +95,8 @@ def service_env(backends: Backends, secret: str, *, source: Path | None = None) 
         "PREORDER_JWT_SECRET": secret,
         "PREORDER_RATE_LIMIT_PER_USER": NO_RATE_LIMIT,
         "PREORDER_RATE_LIMIT_PER_CLIENT": NO_RATE_LIMIT,
+        "PREORDER_CUSTOMER_RATE_LIMIT": NO_RATE_LIMIT, "PREORDER_ADDRESS_RATE_LIMIT": NO_RATE_LIMIT,
+        "PREORDER_MAX_UNPAID_PER_CUSTOMER": NO_RATE_LIMIT,
     })
     return env
 
@@ -109,14 +111,27 @@ def new_secret() -> str:
 
 
 def start_service(
-    *, env: dict[str, str], core: int, logs: Path, started: contextlib.ExitStack
+    *, env: dict[str, str], cores: set[int], logs: Path, started: contextlib.ExitStack, workers: int = 1
 ) -> tuple[procs.Managed, str]:
-    """`preorder serve` with one worker: with --workers 1 uvicorn serves in this very process (no supervisor),
-    and taskset execs it, so the pid we hold is the server we measure and profile."""
+    """`preorder serve` pinned to `cores`. With --workers 1 uvicorn serves in this very process (no supervisor),
+    and taskset execs it, so the pid we hold is the server we measure and profile. With more, that pid is
+    uvicorn's supervisor and the workers are its children (measured together: procs.family)."""
     port = free_port()
-    argv = ["taskset", "-c", str(core), str(BIN / "preorder"), "serve",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return _start("service", argv, port=port, env=env, logs=logs, started=started)
+    argv = ["taskset", "-c", ",".join(map(str, sorted(cores))), str(BIN / "preorder"), "serve",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    name = "service" if workers == 1 else f"service-{workers}-workers"
+    server, base = _start(name, argv, port=port, env=env, logs=logs, started=started)
+    _wait_workers(server, workers)
+    return server, base
+
+
+def _wait_workers(server: procs.Managed, workers: int, timeout_s: float = 60) -> None:
+    """/healthz answered by one worker says nothing of the others: wait until the log shows each one started."""
+    deadline = time.monotonic() + timeout_s
+    while server.log.read_text(errors="replace").count("Application startup complete") < workers:
+        if time.monotonic() > deadline or not server.alive():
+            raise RuntimeError(f"{server.name}: not all {workers} workers started:\n{procs.tail(server.log)}")
+        time.sleep(0.1)
 
 
 def start_bare(
@@ -172,7 +187,7 @@ def seed(base: str, *, folder: Path, secret: str, users: int, spread: int) -> Se
     s = Seed(hot=f"{tag}-hot", sold_out=f"{tag}-sold", spread=[f"{tag}-s{i:04d}" for i in range(spread)],
              tokens_file=folder / "tokens.txt",
              files={"bare": folder / "hot.txt", "create": folder / "hot.txt", "soldout": folder / "sold.txt",
-                    "spread": folder / "spread.txt"})
+                    "spread": folder / "spread.txt", "workers2": folder / "hot.txt"})
     asyncio.run(_create_products(base, admin_token(secret), s))
     settings = Settings(env="dev", jwt_secret=secret)
     tokens = [mint_token(settings, sub=f"u{i:05d}", role="customer", ttl_s=86_400) for i in range(users)]

@@ -98,6 +98,7 @@ def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
         "env": "test", "database_url": db_url, "redis_url": redis_url, "jwt_secret": SECRET,
         "workers_enabled": False, "rate_limit_per_user": 10_000, "rate_limit_per_client": 100_000,
         "relay_enabled": False, "webhook_allow_private": True,
+        "customer_rate_limit": 100_000, "address_rate_limit": 1_000_000, "max_unpaid_per_customer": 1_000_000,
     }
     values.update(overrides)
     return Settings(**values)
@@ -209,13 +210,13 @@ async def own_redis_client(own_redis: EmbeddedRedis | EmbeddedRedisCluster) -> A
 
 @pytest.fixture
 def servers_for(tmp_path: Path, settings) -> Iterator[object]:
-    """make(redis_url, database_url=None, **env) -> a started-later Server; all are stopped at the end."""
+    """make(redis_url, database_url=None, workers=1, **env) -> a started-later Server; all are stopped at the end."""
     from tests.harness import Server, server_env  # the harness imports this module
 
     made: list[Server] = []
 
-    def make(redis_url: str, database_url: str | None = None, **env: str) -> Server:
-        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path)
+    def make(redis_url: str, database_url: str | None = None, workers: int = 1, **env: str) -> Server:
+        server = Server(server_env(database_url or settings.database_url, redis_url, **env), tmp_path, workers)
         made.append(server)
         return server
 

@@ -59,6 +59,8 @@ def server_env(database_url: str, redis_url: str, **overrides: str) -> dict[str,
         "PREORDER_JWT_SECRET": SECRET,
         # Another change adds rate limiting; these tests measure faults, not limits.
         "PREORDER_RATE_LIMIT_PER_USER": "1000000000", "PREORDER_RATE_LIMIT_PER_CLIENT": "1000000000",
+        "PREORDER_CUSTOMER_RATE_LIMIT": "1000000000", "PREORDER_ADDRESS_RATE_LIMIT": "1000000000",
+        "PREORDER_MAX_UNPAID_PER_CUSTOMER": "1000000000",
         **FAST_TIMINGS,
     })
     env.update(overrides)
@@ -67,10 +69,12 @@ def server_env(database_url: str, redis_url: str, **overrides: str) -> dict[str,
 
 @dataclass
 class Server:
-    """One `preorder serve` process on 127.0.0.1. Only this object's own pid is ever signalled."""
+    """One `preorder serve` on 127.0.0.1, with `workers` uvicorn worker processes. It runs in a session of its
+    own, and only that process group (this server and its workers, nothing else) is ever signalled."""
 
     env: dict[str, str]
     log_dir: Path
+    workers: int = 1
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -79,16 +83,17 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, *, within: float = 30) -> None:
+    async def start(self, *, within: float = 60) -> None:  # a worker boots in seconds, more on a loaded machine
         self._spawn()
         await eventually(self._healthy, within=within, interval=0.1)
 
     def _spawn(self) -> None:
         self.starts += 1
-        with open(self.log_dir / f"serve-{self.port}-{self.starts}.log", "wb") as log:
+        with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [str(PREORDER), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [str(PREORDER), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--workers", str(self.workers)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
     async def _healthy(self) -> None:
@@ -100,25 +105,33 @@ class Server:
         except httpx.TransportError as exc:
             raise AssertionError(f"not listening yet: {exc!r}") from None
         assert r.status_code == 200
+        # Each worker starts on its own; one answering /healthz says nothing of the others.
+        started = self.log.read_text(errors="replace").count("Application startup complete")
+        assert started >= self.workers, f"{started} of {self.workers} workers started"
 
     def kill(self) -> None:
-        """kill -9: no shutdown, no cleanup, in-flight requests die with the process."""
+        """kill -9 of the server and its workers: no shutdown, no cleanup, in-flight requests die with them.
+        (Killing only the supervisor would leave its workers serving.)"""
         if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        os.kill(self.process.pid, signal.SIGTERM)
+        os.kill(self.process.pid, signal.SIGTERM)  # uvicorn's supervisor stops its workers gracefully
         try:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
             self.kill()
 
+    @property
+    def log(self) -> Path:
+        """The log of the latest start."""
+        return self.log_dir / f"serve-{self.port}-{self.starts}.log"
+
     def log_tail(self, lines: int = 40) -> str:
-        logs = sorted(self.log_dir.glob(f"serve-{self.port}-*.log"))
-        return "\n".join(p.read_text(errors="replace").splitlines()[-lines:] for p in logs[-1:])
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=kw.pop("max_connections", 100), max_keepalive_connections=100)

@@ -1,6 +1,6 @@
 """I1-I4 under the faults DESIGN.md names, injected for real: a refused or stale order write (in process), Redis
 flushed, its scripts flushed, Redis restarted empty, the app killed with SIGKILL, PostgreSQL cut away, and two
-app processes on one hot product (real `preorder serve` subprocesses)."""
+app processes on one hot product (real `preorder serve` subprocesses: two of them, or one with --workers 2)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from preorder.stock.service import Stock
 from preorder.workers.reconciler import settle_all
 from tests.conftest import ON_CLUSTER, bearer, make_product, make_settings, serving
 from tests.harness import (
+    USERS,
     PgProxy,
     Server,
     Traffic,
@@ -331,14 +332,32 @@ async def _ready(c: httpx.AsyncClient, *, postgresql_ok: bool) -> None:
         assert body["redis"] == "ok"
 
 
+@contextlib.asynccontextmanager
+async def two_processes(servers_for: Callable[..., Server], redis_url: str, layout: str, **env: str
+                        ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Two app processes on one Redis and one PostgreSQL, started, and a client for each half of the load:
+    'serves' is two `preorder serve` (each client has its own), 'workers' is one `preorder serve --workers 2`
+    (both clients reach its one port, and the kernel hands each connection to one of the two workers)."""
+    if layout == "workers":
+        a = b = servers_for(redis_url, workers=2, **env)
+        await a.start()
+    else:
+        a, b = servers_for(redis_url, **env), servers_for(redis_url, **env)
+        await asyncio.gather(a.start(), b.start())
+    async with a.client() as ca, b.client() as cb:
+        yield ca, cb
+
+
+TWO_PROCESSES = pytest.mark.parametrize("layout", ["serves", "workers"])
+
+
 @pytest.mark.faults
-async def test_two_processes_on_one_hot_product_never_oversell(db, own_redis, own_redis_client, servers_for):
+@TWO_PROCESSES
+async def test_two_processes_on_one_hot_product_never_oversell(db, own_redis, own_redis_client, servers_for, layout):
     slow_safe = {"PREORDER_DB_STATEMENT_TIMEOUT_MS": "3000", "PREORDER_WRITE_DEADLINE_S": "20",
                  "PREORDER_ORPHAN_HOLD_S": "60"}
-    a, b = servers_for(own_redis.url, **slow_safe), servers_for(own_redis.url, **slow_safe)
-    await asyncio.gather(a.start(), b.start())
     traffic = Traffic()
-    async with a.client() as ca, b.client() as cb:
+    async with two_processes(servers_for, own_redis.url, layout, **slow_safe) as (ca, cb):
         await new_product(ca, "HOT", total_stock=200)
         done = asyncio.Event()
         watch = asyncio.create_task(_watch_never_over(db, "HOT", 200, done))
@@ -356,11 +375,11 @@ async def test_two_processes_on_one_hot_product_never_oversell(db, own_redis, ow
 
 
 @pytest.mark.faults
-async def test_two_processes_rebuilding_after_flushall_stay_exact(db, own_redis, own_redis_client, servers_for):
-    a, b = servers_for(own_redis.url), servers_for(own_redis.url)
-    await asyncio.gather(a.start(), b.start())
+@TWO_PROCESSES
+async def test_two_processes_rebuilding_after_flushall_stay_exact(db, own_redis, own_redis_client, servers_for,
+                                                                  layout):
     traffic = Traffic()
-    async with a.client() as ca, b.client() as cb:
+    async with two_processes(servers_for, own_redis.url, layout) as (ca, cb):
         await new_product(ca, "HOT", total_stock=300)
         load = asyncio.gather(burst(ca, traffic, product_id="HOT", count=250, concurrency=50),
                               burst(cb, traffic, product_id="HOT", count=250, concurrency=50))
@@ -371,6 +390,25 @@ async def test_two_processes_rebuilding_after_flushall_stay_exact(db, own_redis,
     traffic.assert_only({201, 409, 503})
     traffic.assert_503s_are_problems()
     await settled(db, own_redis_client, traffic)
+
+
+@pytest.mark.faults
+@TWO_PROCESSES
+async def test_one_idempotency_key_sent_to_two_processes_at_once_makes_one_order(
+    db, own_redis, own_redis_client, servers_for, layout
+):
+    body, headers = {"product_id": "HOT", "quantity": 2}, {**USERS[0], "Idempotency-Key": "k-both"}
+    async with two_processes(servers_for, own_redis.url, layout) as (ca, cb):
+        await new_product(ca, "HOT", total_stock=10)
+        answers = await asyncio.gather(*(c.post("/api/preorder", json=body, headers=headers)
+                                         for c in (ca, cb) for _ in range(10)))
+        late = await cb.post("/api/preorder", json=body, headers=headers)
+    assert {r.status_code for r in answers} <= {201, 409}, [r.text for r in answers]
+    made = [r.json()["order_id"] for r in answers if r.status_code == 201 and "idempotent-replayed" not in r.headers]
+    assert len(made) == 1, "one request made the order; the others replayed it or were told it is in progress"
+    assert late.status_code == 201 and late.json()["order_id"] == made[0]
+    assert await db.fetchval("SELECT count(*) FROM orders") == 1
+    await assert_invariants(db, own_redis_client, created={made[0]: 2})
 
 
 async def _watch_never_over(db: asyncpg.Connection, product_id: str, total: int, done: asyncio.Event) -> int:

@@ -18,8 +18,7 @@ LIMITS = (4, 9, 60_000)  # per customer, per address, window ms: small, so batch
 
 
 def _head(product: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-    tag = product_keys(product).tag
-    return (f"{tag}:stock", f"{tag}:holds", f"{tag}:users", f"{tag}:fresh"), LIMITS
+    return product_keys(product).reserve_head, LIMITS
 
 
 async def _load(redis: RedisClient, product: str, *, total: int, limit: int) -> None:

@@ -36,7 +36,7 @@ async def test_a_rate_counter_without_a_ttl_refuses_for_one_window_then_lets_thr
     await redis.set(K.rate_user("U1"), 5)  # at the limit, and no TTL: the state that used to fail open
     window_ms = 300
     args = [5, 100, window_ms, str(uuid.uuid4()), 1, "U1"]
-    keys = [*K.scripts, K.rate_user("U1"), K.rate_client("c")]
+    keys = [*K.reserve_head, K.rate_user("U1"), K.rate_client("c")]
     (answer,) = await reserve(keys=keys, args=args)
     assert answer[0] == b"RATE_LIMITED" and 0 < answer[1] <= window_ms, answer
     assert 0 < await redis.pttl(K.rate_user("U1")) <= window_ms, "the counter got its window"

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from preorder import __version__, cache, db, errors
+from preorder.audit.router import router as audit_router
 from preorder.auth import TokenVerifier
 from preorder.events.relay import Relay
 from preorder.events.router import declare_webhooks
@@ -23,10 +24,11 @@ from preorder.middleware import BodyLimit
 from preorder.orders.router import router as orders_router
 from preorder.orders.service import Orders
 from preorder.products.router import router as products_router
-from preorder.responses import Problem
+from preorder.responses import Problem, problems
 from preorder.service_routes import router as service_router
 from preorder.settings import Settings, get_settings
-from preorder.stock.service import RateLimits, Stock
+from preorder.stock.customers import CustomerRules
+from preorder.stock.service import RateLimits, Stock, StockRules
 from preorder.workers.loops import run_forever
 
 
@@ -35,7 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     pool = await db.create_pool(settings)
     redis = cache.create_redis(settings)
-    stock = Stock(redis, pool, rate=rate_limits(settings), sold_out_ttl_s=settings.sold_out_ttl_ms / 1000)
+    stock = Stock(redis, pool, stock_rules(settings))
     app.state.pool, app.state.redis, app.state.stock = pool, redis, stock
     app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
     app.state.verifier = TokenVerifier(settings)
@@ -53,6 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await app.state.verifier.aclose()
         await redis.aclose()
         await asyncio.wait_for(pool.close(), timeout=5)
 
@@ -66,8 +69,14 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def rate_limits(settings: Settings) -> RateLimits:
-    return RateLimits(settings.rate_limit_per_user, settings.rate_limit_per_client, settings.rate_limit_window_s * 1000)
+def stock_rules(settings: Settings) -> StockRules:
+    window_ms = settings.rate_limit_window_s * 1000
+    return StockRules(
+        rate=RateLimits(settings.rate_limit_per_user, settings.rate_limit_per_client, window_ms),
+        customers=CustomerRules(settings.customer_rate_limit, settings.address_rate_limit, window_ms,
+                                settings.max_unpaid_per_customer),
+        sold_out_ttl_s=settings.sold_out_ttl_ms / 1000, unknown_ttl_s=settings.unknown_product_ttl_s,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -85,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(orders_router)
     app.include_router(products_router)
     app.include_router(events_router)
+    app.include_router(audit_router)
     app.include_router(service_router)
     declare_webhooks(app.webhooks)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -120,8 +130,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 if not responses["422"]["content"]:
                     del responses["422"]
             if ("400" not in responses and op.get("parameters")) or op.get("requestBody"):
-                responses.setdefault("400", {"description": "Bad request", "content": {
-                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+                responses.setdefault("400", problems(400)[400])
     _declare_configured_bounds(schemas, app.state.settings)
     app.openapi_schema = schema
     return schema

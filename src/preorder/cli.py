@@ -11,9 +11,15 @@ from pathlib import Path
 
 import uvicorn
 
-from preorder import migrate as migrations
 from preorder.settings import Settings
 from preorder.types import ID_RE
+
+# With --workers N, uvicorn's supervisor pings each worker and kills one that does not answer in time (5 s by
+# default). A new worker answers only once Python has started and imported this module again (spawn), which
+# took over 5 s on a loaded 2-core machine: the supervisor then killed workers still booting, over and over.
+# The answer comes from a thread of its own, so a busy event loop never delays it: a long timeout only delays
+# replacing a process frozen as a whole.
+WORKER_PING_TIMEOUT_S = 30
 
 DEMO_PRODUCT = {"id": "P1001", "name": "Demo preorder console", "price_amount": 49_900, "currency": "USD",
                 "total_stock": 1000, "per_user_limit": 5}
@@ -26,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev.add_argument("--port", type=int, default=8000)
     serve = sub.add_parser("serve", help="production server (PREORDER_DATABASE_URL, PREORDER_REDIS_URL)")
     serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, help="default: PREORDER_PORT, else 8000")
     serve.add_argument("--workers", type=int, default=1)
     sub.add_parser("migrate", help="apply schema migrations to PREORDER_DATABASE_URL")
     rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for every product")
@@ -50,13 +56,19 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    Settings()  # refuse to start with unsafe or missing settings, before forking workers
-    uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10)
+    settings = Settings()  # refuse to start with unsafe or missing settings, before forking workers
+    port = settings.port if args.port is None else args.port
+    uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=port, workers=args.workers,
+                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10,
+                timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S)
     return 0
 
 
 def _migrate(_: argparse.Namespace) -> int:
+    # Imported here, not at the top: each `serve --workers N` worker starts by importing this module again
+    # (multiprocessing's spawn), and alembic + SQLAlchemy were most of that time (see WORKER_PING_TIMEOUT_S).
+    from preorder import migrate as migrations
+
     settings = Settings(env="dev")
     if not settings.database_url:
         print("PREORDER_DATABASE_URL is not set", file=sys.stderr)

@@ -34,6 +34,24 @@ class BadRequest(DomainError):
     pass
 
 
+class ValidationFailed(BadRequest):
+    """A field failed its schema (rendered by _validation_error with the list of errors)."""
+
+    kind, title = "validation-error", "Invalid request"
+
+
+class MalformedBody(BadRequest):
+    """A body that is not JSON at all (Starlette's parse error, rendered by _http_error)."""
+
+    kind, title = "malformed-body", "Malformed request body"
+
+
+class PayloadTooLarge(DomainError):
+    """A body over PREORDER_MAX_BODY_BYTES (rendered by the BodyLimit middleware and _http_error)."""
+
+    status, kind, title = 413, "payload-too-large", "Request body too large"
+
+
 class NotFound(DomainError):
     status, kind, title = 404, "not-found", "Not found"
 
@@ -50,8 +68,18 @@ class UserLimitReached(Conflict):
     kind, title = "per-user-limit", "Per-user limit reached"
 
 
+class UnpaidLimitReached(Conflict):
+    kind, title = "unpaid-limit", "Too many units held unpaid"
+
+
 class PresaleClosed(Conflict):
     kind, title = "presale-closed", "Presale is not open"
+
+
+class ConstraintViolated(Conflict):
+    """A write the database refused by a CHECK constraint (rendered by _constraint)."""
+
+    kind, title = "constraint", "Conflict with the stored record"
 
 
 class InvalidTransition(Conflict):
@@ -93,8 +121,8 @@ class Forbidden(DomainError):
 class RateLimited(DomainError):
     status, kind, title = 429, "rate-limited", "Too many requests"
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("Too many order requests; retry later", retry_after=retry_after)
+    def __init__(self, retry_after: int, detail: str = "Too many order requests; retry later") -> None:
+        super().__init__(detail, retry_after=retry_after)
         self.headers = {"Retry-After": str(retry_after)}
 
 
@@ -139,11 +167,12 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()
     ]
     fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors)
-    return problem(400, "validation-error", "Invalid request", f"Invalid fields: {fields}", errors=errors)
+    return problem(400, ValidationFailed.kind, ValidationFailed.title, f"Invalid fields: {fields}", errors=errors)
 
 
 # Errors raised by Starlette itself (unknown path or method, an oversized streamed body) get a type of their own.
 _HTTP_KINDS = {
+    400: (MalformedBody.kind, MalformedBody.title),
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
     413: ("payload-too-large", "Request body too large"),
@@ -174,7 +203,7 @@ async def _constraint(_: Request, exc: Exception) -> JSONResponse:
     ends_at): the request conflicts with the stored record. Services check first; this is the safety net."""
     assert isinstance(exc, asyncpg.CheckViolationError)
     detail = f"The change breaks a rule of the stored record ({exc.constraint_name or 'check'})"
-    return problem(409, "constraint", "Conflict with the stored record", detail)
+    return problem(409, ConstraintViolated.kind, ConstraintViolated.title, detail)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -11,13 +11,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 router = APIRouter(tags=["service"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="Liveness")
 async def healthz() -> dict[str, str]:
+    """**Who may call:** anyone (orchestrators' liveness probes).
+
+    **Changes:** nothing. 200 while the process serves requests, whatever its dependencies."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "A dependency is down"}})
+@router.get("/readyz", summary="Readiness", responses={503: {"description": "A dependency is down"}})
 async def readyz(request: Request) -> JSONResponse:
+    """**Who may call:** anyone (load balancers' readiness probes).
+
+    **Changes:** nothing. 200 when PostgreSQL and Redis answer, else 503 naming the one that is down."""
     checks = {"postgresql": _check_pg(request), "redis": _check_redis(request)}
     results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
     ready = all(v == "ok" for v in results.values())
@@ -51,6 +57,9 @@ async def _check_redis(request: Request) -> str:
         return f"down: {type(exc).__name__}"
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
 async def metrics() -> Response:
+    """**Who may call:** anyone who can reach the port (scrape it from inside the network).
+
+    **Changes:** nothing. Counters and histograms in the Prometheus text format."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -15,6 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREORDER_", extra="ignore")
 
     env: Literal["dev", "test", "prod"] = "prod"
+    # Where `preorder serve` listens unless --port says otherwise; the image's HEALTHCHECK reads it too.
+    port: int = Field(default=8000, ge=1, le=65_535)
     database_url: str = ""
     redis_url: str = ""
     db_pool_min: int = Field(default=2, ge=1)
@@ -32,12 +34,31 @@ class Settings(BaseSettings):
     jwt_secret: str = ""
     jwt_public_key: str = ""
     jwt_audience: str = "preorder"
+    # An identity provider's JWKS document (RS256 and ES256 keys by kid); when set, it replaces the static key.
+    jwt_jwks_url: str = ""
+    jwt_jwks_min_interval_s: float = Field(default=30.0, gt=0)  # at most one fetch per interval (unknown kids)
+    jwt_jwks_max_age_s: float = Field(default=600.0, gt=0)  # refetch keys older than this (drops removed keys)
+    jwt_issuer: str = ""  # the `iss` every token must carry (checked when set; set it with a JWKS URL)
+    jwt_subject_claim: str = "sub"  # the claim that names the customer (its value is the order's user_id)
+    jwt_role_claim: str = "role"  # a claim name or a dotted path; a string (space-separated) or a list
+    jwt_admin_role: str = "admin"  # the value of the role claim that makes an admin
+    jwt_customer_role: str = "customer"  # the value that makes a customer ("" : any other verified token)
 
     max_quantity: int = Field(default=10, ge=1)
     max_body_bytes: int = Field(default=16_384, ge=1024)
     rate_limit_per_user: int = Field(default=20, ge=1, description="order creates per window per user")
     rate_limit_per_client: int = Field(default=200, ge=1, description="order creates per window per address")
     rate_limit_window_s: int = Field(default=1, ge=1)
+    # Across all products (the two above count per product), in the same window.
+    customer_rate_limit: int = Field(default=60, ge=1, description="order creates per window per customer")
+    address_rate_limit: int = Field(default=600, ge=1, description="order creates per window per address")
+    # Units one customer may hold in pending (unpaid) orders at once, across products.
+    max_unpaid_per_customer: int = Field(default=20, ge=1)
+    # How often each process recounts every customer's unpaid units from PostgreSQL (the safety net for a
+    # count left behind by a killed process).
+    unpaid_recount_interval_s: float = Field(default=60.0, gt=0)
+    # How long an unknown product id is refused from memory / a Redis marker without asking PostgreSQL again.
+    unknown_product_ttl_s: float = Field(default=5.0, gt=0, le=3600)
     # How long this process answers "sold out" without asking Redis after seeing a product sold out.
     sold_out_ttl_ms: int = Field(default=200, ge=0, le=5_000)
 
@@ -88,6 +109,10 @@ class Settings(BaseSettings):
     def _require_production_values(self) -> None:
         if not self.database_url or not self.redis_url:
             raise ValueError("PREORDER_DATABASE_URL and PREORDER_REDIS_URL are required")
+        if self.jwt_jwks_url:
+            if not self.jwt_issuer:
+                raise ValueError("PREORDER_JWT_ISSUER is required with PREORDER_JWT_JWKS_URL")
+            return
         if self.jwt_algorithm == "HS256" and len(self.jwt_secret) < MIN_SECRET_LENGTH:
             raise ValueError(f"PREORDER_JWT_SECRET must be at least {MIN_SECRET_LENGTH} characters")
         if self.jwt_algorithm == "RS256" and not self.jwt_public_key:

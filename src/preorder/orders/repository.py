@@ -329,12 +329,13 @@ async def refunds(conn: PoolOrConn, order_id: uuid.UUID, *, payment_id: int | No
     )
 
 
-async def refund_succeeded(conn: PoolOrConn, refund_id: int, *, provider_reference: str) -> asyncpg.Record | None:
-    """pending -> succeeded once; a repeat with the same provider reference answers the row unchanged."""
+async def refund_succeeded(conn: PoolOrConn, refund_id: int, order_id: uuid.UUID, *,
+                           provider_reference: str) -> asyncpg.Record | None:
+    """pending -> succeeded, once: None when it is not this order's pending refund."""
     return await conn.fetchrow(
-        f"""UPDATE refunds SET status = 'succeeded', provider_reference = $2, succeeded_at = now()
-            WHERE id = $1 AND status = 'pending' RETURNING {_REFUND_COLUMNS}""",
-        refund_id, provider_reference,
+        f"""UPDATE refunds SET status = 'succeeded', provider_reference = $3, succeeded_at = now()
+            WHERE id = $1 AND order_id = $2 AND status = 'pending' RETURNING {_REFUND_COLUMNS}""",
+        refund_id, order_id, provider_reference,
     )
 
 
@@ -382,7 +383,7 @@ WITH due AS (
            CASE payment_plan WHEN 'deposit' THEN 'deposit_timeout' ELSE 'payment_timeout' END,
            {_NEXT_SEQUENCE}, 'cancelled', to_jsonb(o) FROM o
 )
-SELECT id, product_id FROM o
+SELECT id, product_id, user_id, quantity FROM o
 """
 
 
@@ -421,3 +422,10 @@ async def purge_idempotency(conn: PoolOrConn, *, limit: int) -> int:
         limit,
     )
     return int(result.split()[-1])
+
+
+async def unpaid_by_customer(conn: PoolOrConn) -> dict[str, int]:
+    """Units in pending (unpaid) orders, per customer: the truth the Redis unpaid counters are recounted from."""
+    rows = await conn.fetch("SELECT user_id, SUM(quantity)::int AS units FROM orders WHERE status = 'pending' "
+                            "GROUP BY user_id")
+    return {r["user_id"]: r["units"] for r in rows}

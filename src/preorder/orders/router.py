@@ -11,8 +11,32 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
+from preorder.audit.actor import client_address
 from preorder.auth import BEARER_SECURITY, Admin, CurrentUser, Principal, bearer_principal
-from preorder.errors import BadRequest, DomainError, Forbidden, render
+from preorder.errors import (
+    BadRequest,
+    BalanceWindowNotOpen,
+    Conflict,
+    DomainError,
+    Forbidden,
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    InvalidTransition,
+    MalformedBody,
+    NotFound,
+    OutOfStock,
+    PayloadTooLarge,
+    PaymentMismatch,
+    PaymentReferenceUsed,
+    PresaleClosed,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    UnpaidLimitReached,
+    UserLimitReached,
+    ValidationFailed,
+    render,
+)
 from preorder.orders import repository as repo
 from preorder.orders.schemas import (
     EventList,
@@ -72,17 +96,28 @@ async def owned_order(order_id: uuid.UUID, principal: CurrentUser, orders: Order
 OwnedOrder = Annotated[OrderOut, Depends(owned_order)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=OrderOut,
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=OrderOut, summary="Pre-order a product",
              openapi_extra={**BEARER_SECURITY, **_KEY_DOC},
-             responses=problems(400, 401, 403, 404, 409, 413, 422, 429, 503))
+             responses=problems(ValidationFailed, MalformedBody, BadRequest, Unauthorized, Forbidden, NotFound,
+                                OutOfStock, UserLimitReached, UnpaidLimitReached, PresaleClosed, IdempotencyInProgress,
+                                PaymentMismatch, PaymentReferenceUsed, InvalidTransition, PayloadTooLarge,
+                                IdempotencyMismatch, RateLimited, Unavailable))
 async def create_order(
     body: OrderCreate,
     principal: Annotated[Principal, Depends(bearer_principal)],
     request: Request,
 ) -> Response:
+    """**Who may call:** a customer, for itself (`user_id` omitted or its own), or an admin for any customer.
+
+    **Changes:** reserves `quantity` units of the product and writes a `pending` order that must be paid within
+    the product's payment window (else it is cancelled and the stock comes back). With `payment`, pays it at once.
+    Send an `Idempotency-Key` to retry safely: the same key and body answer the same order (`Idempotent-Replayed`).
+    Refused without any change when the product is sold out, not on sale, past the per-customer limit, or the
+    customer holds `PREORDER_MAX_UNPAID_PER_CUSTOMER` units unpaid already; 429 past the per-customer or
+    per-address rates (`Retry-After`)."""
     # The hot route: one flat dependency, the service taken from app state (each dependency level measured).
     orders: Orders = request.app.state.orders
-    client = request.client.host if request.client else "unknown"
+    client = client_address(request)
     try:
         order, replayed = await orders.create(principal, body, idem_key=idempotency_key(request), client=client)
     except DomainError as refused:  # the 409s of a sold-out sale, rendered here: Starlette's handler lookup measured
@@ -93,8 +128,13 @@ async def create_order(
     return Response(order_json(order), status_code=201, media_type="application/json", headers=headers)
 
 
-@router.get("", responses=problems(400, 401, 403, 503))
+@router.get("", summary="List orders", responses=problems(ValidationFailed, BadRequest, Unauthorized, Forbidden,
+                                                            Unavailable))
 async def list_orders(principal: CurrentUser, orders: OrdersDep, query: Annotated[OrderQuery, Query()]) -> OrderPage:
+    """**Who may call:** a customer (its own orders only; another `user_id` is 403) or an admin (all orders).
+
+    **Changes:** nothing. Newest first, filtered by status, product and creation time; pass `next_cursor` back
+    as `cursor` for the next page."""
     filters = repo.Filters(
         user_id=_visible_user(principal, query.user_id), status=query.status, product_id=query.product_id,
         created_from=query.created_from, created_to=query.created_to, before_id=_decode_cursor(query.cursor),
@@ -125,62 +165,105 @@ def _decode_cursor(cursor: str | None) -> uuid.UUID | None:
         raise BadRequest("Invalid cursor") from None
 
 
-@router.get("/{order_id}", responses=problems(400, 401, 404, 503))
+@router.get("/{order_id}", summary="Read one order", responses=problems(ValidationFailed, Unauthorized, NotFound,
+                                                                         Unavailable))
 async def get_order(order: OwnedOrder) -> OrderOut:
+    """**Who may call:** the order's customer or an admin (another customer's order answers 404).
+
+    **Changes:** nothing."""
     return order
 
 
-@router.put("/{order_id}", responses=problems(400, 401, 403, 404, 409, 413, 503))
-async def change_status(order: OwnedOrder, body: StatusChange, principal: CurrentUser, orders: OrdersDep) -> OrderOut:
-    return await orders.change_status(principal, order, body)
+@router.put("/{order_id}", summary="Pay, ship, complete or cancel an order",
+            responses=problems(ValidationFailed, MalformedBody, BadRequest, Unauthorized, Forbidden, NotFound,
+                               InvalidTransition, PaymentMismatch, PaymentReferenceUsed, PayloadTooLarge, Unavailable))
+async def change_status(order: OwnedOrder, body: StatusChange, principal: CurrentUser, orders: OrdersDep,
+                        request: Request) -> OrderOut:
+    """**Who may call:** the order's customer to pay (`paid`, with the payment's reference and exact amount) or
+    cancel it; an admin for any change (`shipped`, `completed` are admin-only).
+
+    **Changes:** the order's status along `pending -> paid -> shipped -> completed` (or `cancelled` from
+    `pending` or `paid`, which gives the stock back; a paid one gets a refund record) and one event row. An
+    admin's change is written to the audit log with the client address."""
+    return await orders.change_status(principal, order, body, client=client_address(request))
 
 
-@router.delete("/{order_id}", responses=problems(400, 401, 403, 404, 409, 503))
-async def cancel_order(order: OwnedOrder, principal: CurrentUser, orders: OrdersDep, _: IdemKey = None) -> OrderOut:
-    return await orders.cancel(principal, order, None)
+@router.delete("/{order_id}", summary="Cancel an order",
+               responses=problems(ValidationFailed, Unauthorized, Forbidden, NotFound, InvalidTransition,
+                                  Unavailable))
+async def cancel_order(order: OwnedOrder, principal: CurrentUser, orders: OrdersDep, request: Request,
+                       _: IdemKey = None) -> OrderOut:
+    """**Who may call:** the order's customer or an admin.
+
+    **Changes:** cancels a `pending` or `paid` order and gives its stock back (a paid one gets a refund record);
+    cancelling a cancelled order answers the same and changes nothing. Shipped or completed orders: 409. An
+    admin's cancel is written to the audit log."""
+    return await orders.cancel(principal, order, None, client=client_address(request))
 
 
-@router.get("/{order_id}/events", responses=problems(400, 401, 404, 503))
+@router.get("/{order_id}/events", summary="Read an order's status history",
+            responses=problems(ValidationFailed, Unauthorized, NotFound, Unavailable))
 async def order_events(order: OwnedOrder, orders: OrdersDep) -> EventList:
+    """**Who may call:** the order's customer or an admin.
+
+    **Changes:** nothing. Every status change with who made it, why and when, oldest first."""
     rows = await repo.events(orders.pool, order.order_id)
     return EventList(order_id=order.order_id, items=[EventOut.model_validate(dict(r)) for r in rows])
 
 
 @router.post("/{order_id}/payments", status_code=status.HTTP_201_CREATED, summary="Record a payment",
              responses={200: {"model": PaymentResult, "description": "A retry: this reference and body were "
-                              "recorded before; the same result"}, **problems(400, 401, 404, 409, 413, 503)})
+                              "recorded before; the same result"},
+                        **problems(ValidationFailed, MalformedBody, Unauthorized, NotFound, PaymentMismatch,
+                                   BalanceWindowNotOpen, InvalidTransition, PaymentReferenceUsed, PayloadTooLarge,
+                                   Unavailable)})
 async def record_payment(order: OwnedOrder, body: PaymentIn, principal: CurrentUser, orders: OrdersDep,
-                         response: Response) -> PaymentResult:
-    """A payment the provider has taken, for the order's customer or an admin: `deposit` then `balance` on a
-    deposit-plan order, `full` otherwise. The amount must be exactly what that phase is due, in the order's
-    currency (409 otherwise, nothing recorded); a balance before the balance window opens is refused (409, with
-    `balance_starts_at`). A reference is recorded once: the same reference and body answer the same result
-    (200); another body 409. A payment the order can no longer take (cancelled, forfeited, its window passed,
-    already paid) is still recorded, never re-opens the order, and gets a refund in status `pending`."""
-    result, replayed = await orders.record_payment(principal, order, body)
+                         request: Request, response: Response) -> PaymentResult:
+    """**Who may call:** the order's customer, or an admin.
+
+    **Changes:** records a payment the provider has taken: `deposit` then `balance` on a deposit-plan order,
+    `full` otherwise. The amount must be exactly what that phase is due, in the order's currency (409
+    otherwise, nothing recorded); a balance before the balance window opens is refused (409, with
+    `balance_starts_at`). An applied payment moves the order on (`deposit_paid`, `paid`). A reference is
+    recorded once: the same reference and body answer the same result (200); another body 409. A payment the
+    order can no longer take (cancelled, forfeited, its window passed, already paid) is still recorded with
+    outcome `refunded`, never re-opens the order, and gets a refund in status `pending`. One event per payment,
+    status change and refund. An admin's payment is written to the audit log."""
+    result, replayed = await orders.record_payment(principal, order, body, client=client_address(request))
     if replayed:
         response.status_code = status.HTTP_200_OK
     return result
 
 
-@router.get("/{order_id}/payments", summary="The order's payments", responses=problems(400, 401, 404, 503))
+@router.get("/{order_id}/payments", summary="List an order's payments",
+            responses=problems(ValidationFailed, Unauthorized, NotFound, Unavailable))
 async def list_payments(order: OwnedOrder, orders: OrdersDep) -> PaymentList:
-    """Every payment recorded for the order, oldest first, with its outcome (applied or refunded)."""
+    """**Who may call:** the order's customer or an admin.
+
+    **Changes:** nothing. Every payment recorded for the order, oldest first, with its outcome (`applied` or
+    `refunded`)."""
     return PaymentList(order_id=order.order_id, items=await orders.payments(order))
 
 
-@router.get("/{order_id}/refunds", summary="The order's refunds", responses=problems(400, 401, 404, 503))
+@router.get("/{order_id}/refunds", summary="List an order's refunds",
+            responses=problems(ValidationFailed, Unauthorized, NotFound, Unavailable))
 async def list_refunds(order: OwnedOrder, orders: OrdersDep) -> RefundList:
-    """Every refund the order owes or has paid back, oldest first: `pending` until an admin records the
-    provider's refund reference, then `succeeded`."""
+    """**Who may call:** the order's customer or an admin.
+
+    **Changes:** nothing. Every refund the order owes or has paid back, oldest first: `pending` until an admin
+    records the provider's refund reference, then `succeeded`."""
     return RefundList(order_id=order.order_id, items=await orders.refunds(order))
 
 
 @router.post("/{order_id}/refunds/{refund_id}/succeeded", summary="Record that a refund was paid back",
-             responses=problems(400, 401, 403, 404, 409, 503))
+             responses=problems(ValidationFailed, MalformedBody, Unauthorized, Forbidden, NotFound, Conflict,
+                                Unavailable))
 async def refund_succeeded(order_id: uuid.UUID, refund_id: int, body: RefundDone, admin: Admin,
-                           orders: OrdersDep) -> RefundOut:
-    """Admins: the provider has paid the refund back under `provider_reference`; the refund becomes
-    `succeeded`. A repeat with the same reference answers the same; another reference is a 409."""
+                           orders: OrdersDep, request: Request) -> RefundOut:
+    """**Who may call:** admins.
+
+    **Changes:** the refund becomes `succeeded` with the provider's refund reference, written to the audit log.
+    A repeat with the same reference answers the same; another reference is a 409."""
     order = await orders.get(admin, order_id)
-    return await orders.refund_succeeded(order, refund_id, body.provider_reference)
+    return await orders.refund_succeeded(admin, order, refund_id, body.provider_reference,
+                                         client=client_address(request))

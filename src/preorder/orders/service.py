@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 
+from preorder.audit import repository as audit
+from preorder.audit.actor import Actor
 from preorder.auth import Principal
 from preorder.cache import RedisClient
 from preorder.clock import Clock
@@ -49,6 +51,7 @@ from preorder.orders.schemas import (
 from preorder.products import repository as products_repo
 from preorder.settings import Settings
 from preorder.status import CLOSED, Status
+from preorder.stock.customers import Admission
 from preorder.stock.keys import idempotency_marker
 from preorder.stock.service import Ask, Reservation, Stock
 
@@ -128,24 +131,46 @@ class Orders:
         self, principal: Principal, user_id: str, body: OrderCreate, client: str, key: str | None,
         fingerprint: str | None,
     ) -> OrderOut:
-        self.stock.refuse_if_sold_out(body.product_id)  # most of a flash sale: answered before any other work
+        self.stock.refuse_from_memory(body.product_id)  # most of a flash sale: answered before any other work
         if body.payment is not None:
             await self._check_payment_at_create(body.product_id, body.quantity, body.payment)
         order_id = new_id()
-        held = await self.stock.reserve(
-            Ask(product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id, client=client)
-        )
+        ask = Ask(product_id=body.product_id, order_id=order_id, quantity=body.quantity, user_id=user_id,
+                  client=client)
+        held, admission = await self._reserve(ask)
         new = repo.NewOrder(
             order_id=order_id, product_id=body.product_id, user_id=user_id, quantity=body.quantity,
             epoch=held.epoch, deadline=self._deadline(held), now=self.clock.now(), idempotency_key=key,
             fingerprint=fingerprint,
             idempotency_ttl_s=self.settings.idempotency_ttl_s,
         )
-        row = await self._write(new)
+        try:
+            row = await self._write(new)
+        except Exception:
+            await admission.cancel()
+            raise
         order = to_out(row)
         if body.payment is not None:
             order = await self._pay_at_once(order, body.payment, principal)
         return order
+
+    async def _reserve(self, ask: Ask) -> tuple[Reservation, Admission]:
+        """The customer's admission and the product's reservation, queued in the same loop turn: one pipeline,
+        one round trip. Each side undoes itself if the other refuses; a customer's refusal wins (429 before 404)
+        and comes before any PostgreSQL work (loading a product it has not seen)."""
+        admission = self.stock.customers.admit(user_id=ask.user_id, address=ask.client, quantity=ask.quantity)
+        try:
+            held = await self.stock.reserve(ask, before_loading=admission.check)
+        except Exception:
+            await admission.check()
+            await admission.cancel()
+            raise
+        try:
+            await admission.check()
+        except Exception:
+            await self.stock.release(ask.product_id, ask.order_id)
+            raise
+        return held, admission
 
     def _deadline(self, held: Reservation) -> datetime:
         return datetime.fromtimestamp(held.reserved_at_ms / 1000, UTC) + timedelta(
@@ -230,7 +255,9 @@ class Orders:
             raise NotFound(f"No order {order_id}")
         return to_out(row)
 
-    async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange) -> OrderOut:
+    async def change_status(self, principal: Principal, order: OrderOut, change: StatusChange, *,
+                            client: str = "service") -> OrderOut:
+        """An admin's change is written to the audit log in the same transaction, with the client address."""
         if not machine.may_ever(principal, change.status):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
         rule = machine.rule_for(order.status, change.status)
@@ -240,26 +267,43 @@ class Orders:
         if not machine.may(principal, rule):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
         if change.status == Status.PAID:
-            return await self._put_paid(principal, order, change)
-        row = await repo.transition(self.pool, repo.Change(
-            order_id=order.order_id, frm=Status(order.status), to=change.status, actor=principal.sub,
-            reason=change.reason or _DEFAULT_REASON[change.status],
-            cancelled_by=("admin" if principal.is_admin else "customer") if change.status == Status.CANCELLED
-            else None,
-        ))
+            return await self._put_paid(principal, order, change, client=client)
+        row = await self._transition(principal, order, change, client=client)
         if row is None:  # lost a race: say to what
             current = await self.get(principal, order.order_id)
             raise InvalidTransition(f"The order is {current.status} now", current=current.status)
-        await self._settle_stock(rule, order)
+        await self._left(order, rule)
         return to_out(row)
 
-    async def _settle_stock(self, rule: machine.Rule, order: OrderOut) -> None:
+    async def _left(self, order: OrderOut, rule: machine.Rule) -> None:
+        """After the order left its status: the customer's unpaid count, and the stock its rule says."""
+        if order.status == Status.PENDING:  # no longer unpaid: its units leave the customer's unpaid count
+            await self.stock.customers.give_back(order.user_id, order.quantity)
         if rule.stock == "release":
             await self.stock.release(order.product_id, order.order_id)
         elif rule.stock == "drop":
             await self.stock.drop(order.product_id, order.order_id)
 
-    async def _put_paid(self, principal: Principal, order: OrderOut, change: StatusChange) -> OrderOut:
+    async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
+                          ) -> asyncpg.Record | None:
+        cancel = change.status == Status.CANCELLED
+        record = repo.Change(
+            order_id=order.order_id, frm=Status(order.status), to=change.status, actor=principal.sub,
+            reason=change.reason or _DEFAULT_REASON[change.status],
+            cancelled_by=("admin" if principal.is_admin else "customer") if cancel else None,
+        )
+        if not principal.is_admin:
+            return await repo.transition(self.pool, record)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await repo.transition(conn, record)
+            if row is not None:
+                await audit.record(conn, Actor(principal, client).did(
+                    f"order.{change.status}", str(order.order_id), before={"status": order.status},
+                    after={"status": change.status, "reason": record.reason, "refunded": row["refunded"]}))
+            return row
+
+    async def _put_paid(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
+                        ) -> OrderOut:
         """PUT {status: paid, payment}: a full payment of a full-plan order, refused (409) once its window closed."""
         if order.payment_plan == "deposit":
             raise InvalidTransition("A deposit-plan order is paid through POST /api/preorder/{id}/payments",
@@ -269,18 +313,18 @@ class Orders:
             raise BadRequest("Marking an order paid needs payment.reference and payment.amount")
         body = PaymentIn(kind="full", reference=payment.reference, amount=payment.amount,
                          currency=payment.currency or order.currency)
-        return (await self._apply(principal, order, body, late_ok=False)).order
+        return (await self._apply(principal, order, body, late_ok=False, client=client)).order
 
     # ---- payments and refunds -------------------------------------------------------------------------
 
     async def record_payment(
-        self, principal: Principal, order: OrderOut, body: PaymentIn
+        self, principal: Principal, order: OrderOut, body: PaymentIn, *, client: str = "service"
     ) -> tuple[PaymentResult, bool]:
         """POST /payments: returns the result and whether it is a replay of the same reference and body."""
         known = await repo.payment_by_reference(self.pool, body.reference)
         if known is not None:
             return await self._replayed(principal, known, order, body), True
-        return await self._apply(principal, order, body, late_ok=True), False
+        return await self._apply(principal, order, body, late_ok=True, client=client), False
 
     async def _replayed(self, principal: Principal, known: asyncpg.Record, order: OrderOut,
                         body: PaymentIn) -> PaymentResult:
@@ -297,7 +341,7 @@ class Orders:
                              refunds=[RefundOut(**dict(r)) for r in refunds])
 
     async def _apply(self, principal: Principal, order: OrderOut, body: PaymentIn, *, late_ok: bool,
-                     ) -> PaymentResult:
+                     client: str = "service") -> PaymentResult:
         """Apply the payment, or (late_ok) record it with a refund when the order can no longer take it. A race
         lost to another change of the order is retried against the order as it is now."""
         frm, to = _phase(order, body)
@@ -309,10 +353,9 @@ class Orders:
                 order_id=order.order_id, kind=body.kind, reference=body.reference, amount=body.amount,
                 currency=body.currency, actor=principal.sub, frm=frm, to=to, now=now, seen=order.updated_at,
                 late_ok=late_ok)
-            try:
-                row = await repo.pay(self.pool, new, reason=_DEFAULT_REASON[to])
-            except asyncpg.UniqueViolationError:
-                raise PaymentReferenceUsed("This payment reference has already paid an order") from None
+            row = await self._pay(principal, new, client=client)
+            if row["applied"] and frm == Status.PENDING:  # no longer unpaid: leaves the customer's unpaid count
+                await self.stock.customers.give_back(order.user_id, order.quantity)
             if row["payment_id"] is not None:
                 payment = await repo.payment_by_reference(self.pool, body.reference)
                 assert payment is not None
@@ -325,15 +368,38 @@ class Orders:
             order = current
         raise Unavailable("The order kept changing while the payment was recorded; retry")
 
+    async def _pay(self, principal: Principal, new: repo.NewPayment, *, client: str) -> asyncpg.Record:
+        """One statement; an admin's payment is written to the audit log in the same transaction."""
+        try:
+            if not principal.is_admin:
+                return await repo.pay(self.pool, new, reason=_DEFAULT_REASON[new.to])
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await repo.pay(conn, new, reason=_DEFAULT_REASON[new.to])
+                if row["payment_id"] is not None:
+                    await audit.record(conn, Actor(principal, client).did(
+                        "order.payment", str(new.order_id), after={
+                            "kind": new.kind, "reference": new.reference, "amount": new.amount,
+                            "outcome": "applied" if row["applied"] else "refunded"}))
+                return row
+        except asyncpg.UniqueViolationError:
+            raise PaymentReferenceUsed("This payment reference has already paid an order") from None
+
     async def payments(self, order: OrderOut) -> list[PaymentOut]:
         return [PaymentOut(**dict(r)) for r in await repo.payments(self.pool, order.order_id)]
 
     async def refunds(self, order: OrderOut) -> list[RefundOut]:
         return [RefundOut(**dict(r)) for r in await repo.refunds(self.pool, order.order_id)]
 
-    async def refund_succeeded(self, order: OrderOut, refund_id: int, provider_reference: str) -> RefundOut:
-        """Admin: the provider has paid the refund back. Once; a repeat with the same reference answers the same."""
-        row = await repo.refund_succeeded(self.pool, refund_id, provider_reference=provider_reference)
+    async def refund_succeeded(self, admin: Principal, order: OrderOut, refund_id: int, provider_reference: str, *,
+                               client: str = "service") -> RefundOut:
+        """Admin: the provider has paid the refund back. Once (written to the audit log in the same transaction);
+        a repeat with the same reference answers the same."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await repo.refund_succeeded(conn, refund_id, order.order_id, provider_reference=provider_reference)
+            if row is not None:
+                await audit.record(conn, Actor(admin, client).did(
+                    "order.refund_succeeded", str(order.order_id), before={"refund_id": refund_id, "status": "pending"},
+                    after={"status": "succeeded", "provider_reference": provider_reference, "amount": row["amount"]}))
         if row is None:
             row = await repo.refund(self.pool, refund_id)
             if row is None or row["order_id"] != order.order_id:
@@ -341,16 +407,16 @@ class Orders:
             if row["provider_reference"] != provider_reference:
                 raise Conflict(f"Refund {refund_id} already succeeded with another provider reference",
                                provider_reference=row["provider_reference"])
-        elif row["order_id"] != order.order_id:
-            raise NotFound(f"No refund {refund_id} for order {order.order_id}")
         return RefundOut(**dict(row))
 
-    async def cancel(self, principal: Principal, order: OrderOut, reason: str | None) -> OrderOut:
+    async def cancel(self, principal: Principal, order: OrderOut, reason: str | None, *, client: str = "service"
+                     ) -> OrderOut:
         """DELETE: cancelling a cancelled order answers the same and releases nothing."""
         if order.status == Status.CANCELLED:
             return order
         try:
-            return await self.change_status(principal, order, StatusChange(status=Status.CANCELLED, reason=reason))
+            return await self.change_status(principal, order, StatusChange(status=Status.CANCELLED, reason=reason),
+                                            client=client)
         except InvalidTransition as lost:
             # The sweeper or another DELETE cancelled it first (and released it): the same answer as a repeat.
             if lost.extra.get("current") != Status.CANCELLED:
@@ -360,6 +426,8 @@ class Orders:
     async def expire_due(self, *, limit: int = 500) -> int:
         """Cancel unpaid orders past their window (safe to run in every process at once)."""
         rows = await repo.expire_due(self.pool, limit=limit, now=self.clock.now())
+        for r in rows:
+            await self.stock.customers.give_back(r["user_id"], r["quantity"])
         await self._release_all(rows)
         return len(rows)
 

@@ -19,7 +19,7 @@ PATCHABLE = (
 )
 
 
-async def insert(pool: PgPool, fields: dict[str, Any]) -> asyncpg.Record | None:
+async def insert(pool: PgPool | PgConn, fields: dict[str, Any]) -> asyncpg.Record | None:
     """None when the id is taken."""
     names = list(fields)
     placeholders = ", ".join(f"${i}" for i in range(1, len(names) + 1))

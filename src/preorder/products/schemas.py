@@ -30,12 +30,13 @@ class _Rules(BaseModel):
 
 
 class ProductCreate(_Rules):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"id": "P1001", "name": "Phone", "price_amount": 2999, "currency": "USD", "total_stock": 100},
-        {"id": "P2001", "name": "Console", "price_amount": 50000, "currency": "USD", "total_stock": 1000,
-         "payment_plan": "deposit", "deposit_amount": 10000, "deposit_credit": 15000,
-         "balance_starts_at": "2026-12-01T00:00:00Z", "balance_ends_at": "2026-12-03T00:00:00Z"},
-    ]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "id": "P1001", "name": "Console X (pre-order)", "price_amount": 2999, "currency": "USD", "total_stock": 1000,
+        "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-08T09:00:00Z", "per_user_limit": 2,
+        "payment_window_seconds": 900}, {
+        "id": "P2001", "name": "Console Y (deposit pre-order)", "price_amount": 50000, "currency": "USD",
+        "total_stock": 1000, "payment_plan": "deposit", "deposit_amount": 10000, "deposit_credit": 15000,
+        "balance_starts_at": "2026-12-10T00:00:00Z", "balance_ends_at": "2026-12-13T00:00:00Z"}]})
     id: ProductId
     name: Text
     price_amount: MinorUnits
@@ -86,6 +87,9 @@ def _check_deposit_plan(p: ProductCreate) -> None:
 class ProductPatch(_Rules):
     """Only the fields sent change. The presale window, ship date and per-user limit accept null, which
     clears them; the other columns can't be empty, so null is refused (400) and not offered by the schema."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"total_stock": 1500,
+                                                                               "per_user_limit": None}]})
 
     name: Text | Unset = None
     price_amount: MinorUnits | Unset = None

@@ -15,6 +15,7 @@ answered MOVED, ASK or TRYAGAIN (a slot moved or moving). redis-py blocks `pipe.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,28 +29,35 @@ Head = tuple[tuple[str, ...], tuple[Any, ...]]  # the keys and arguments every a
 
 @dataclass
 class _Call:
-    keys: list[str] = field(default_factory=list)
+    script: AsyncScript
+    keys: list[str | bytes] = field(default_factory=list)
     args: list[Any] = field(default_factory=list)
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
 
 
 class ScriptBatcher:
-    """Runs a script whose KEYS and ARGV are a shared head followed by a fixed number of entries per ask,
-    and which answers with one reply per ask (reserve.lua)."""
+    """Runs scripts whose KEYS and ARGV are a shared head followed by a fixed number of entries per ask, and
+    which answer with one reply per ask (reserve.lua, limits.lua). Asks of different scripts made in the same
+    loop turn share its pipeline: the customer's limits cost no round trip of their own."""
 
     def __init__(self, redis: RedisClient, script: AsyncScript, *, max_asks: int = 128) -> None:
         self._redis, self._script, self._max_asks = redis, script, max_asks
-        self._pending: dict[Head, list[_Call]] = {}
+        self._pending: dict[tuple[str, Head, int], list[_Call]] = {}
         self._sending: set[asyncio.Task[None]] = set()
 
-    def __call__(self, head: Head, *, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def __call__(self, head: Head, *, keys: Sequence[str | bytes], args: list[Any], script: AsyncScript | None = None,
+                 group: int = 0) -> asyncio.Future[Any]:
+        """Queue one ask of `script` (the batcher's own by default). Asks with the same script, head and group
+        go in one call: on Redis Cluster the group is the keys' slot, as a script may touch only one slot."""
         loop = asyncio.get_running_loop()
         if not self._pending:
             loop.call_soon(self._flush)  # runs after the requests already ready in this turn joined
-        calls = self._pending.get(head)
+        script = script or self._script
+        slot = (script.sha, head, group)
+        calls = self._pending.get(slot)
         if calls is None or len(calls[-1].futures) >= self._max_asks:
-            call = _Call([*head[0]], [*head[1]])
-            self._pending.setdefault(head, []).append(call)
+            call = _Call(script, [*head[0]], [*head[1]])
+            self._pending.setdefault(slot, []).append(call)
         else:
             call = calls[-1]
         future: asyncio.Future[Any] = loop.create_future()
@@ -82,8 +90,9 @@ class ScriptBatcher:
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         results = await self._pipeline(batch)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:  # the script cache was flushed: load it, then run again only the calls that did not run
-            await self._redis.script_load(self._script.script)  # on a cluster: on every primary
+        if missing:  # the script cache was flushed: load them, then run again only the calls that did not run
+            for script in {batch[i].script.sha: batch[i].script for i in missing}.values():
+                await self._redis.script_load(script.script)  # on a cluster: on every primary
             for i, result in zip(missing, await self._pipeline([batch[i] for i in missing]), strict=True):
                 results[i] = result
         return results
@@ -92,10 +101,10 @@ class ScriptBatcher:
         if len(batch) == 1:  # the hot product alone: no pipeline object needed
             call = batch[0]
             try:
-                return [await self._redis.evalsha(self._script.sha, len(call.keys), *call.keys, *call.args)]
+                return [await self._redis.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)]
             except NoScriptError as exc:
                 return [exc]
         pipe = self._redis.pipeline(transaction=False)
         for call in batch:
-            pipe.execute_command("EVALSHA", self._script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))

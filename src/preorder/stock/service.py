@@ -8,11 +8,11 @@ import logging
 import math
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import resources
 from typing import Any, NoReturn
 
 from redis.exceptions import ResponseError
@@ -24,13 +24,12 @@ from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Un
 from preorder.status import LIVE
 from preorder.stock import repository as repo
 from preorder.stock.batching import ScriptBatcher
+from preorder.stock.customers import CustomerLimits, CustomerRules
 from preorder.stock.keys import product_keys
+from preorder.stock.scripts import script_text
 
 log = logging.getLogger("preorder.stock")
-
-
-def _script(name: str) -> str:
-    return resources.files("preorder.stock").joinpath("lua", name).read_text()
+_script = script_text
 
 
 def _ms(at: datetime | None) -> int:
@@ -98,13 +97,14 @@ class RateLimits:
         return self.per_user, self.per_client, self.window_ms
 
 
-class SoldOutMarks:
-    """Products this process saw sold out in the last ttl_s. A mark only ever refuses, never grants stock, so
-    the worst a stale mark does is refuse for ttl_s after stock came back elsewhere; in exchange most of a
-    flash sale's traffic (refusals) costs no Redis call at all. Cleared at once when this process releases."""
+class ExpiringMarks:
+    """Product ids this process saw refused (sold out, or unknown) in the last ttl_s, at most max_size of them.
+    A mark only ever refuses, never grants stock, so the worst a stale mark does is refuse for ttl_s after the
+    product changed elsewhere; in exchange those refusals cost no Redis call at all. Bounded: a flood of made-up
+    ids drops expired marks first, then the oldest, so memory stays flat whatever the ids."""
 
-    def __init__(self, ttl_s: float) -> None:
-        self._ttl_s = ttl_s
+    def __init__(self, ttl_s: float, *, max_size: int = 10_000) -> None:
+        self._ttl_s, self._max_size = ttl_s, max_size
         self._until: dict[str, float] = {}
 
     def refuses(self, product_id: str) -> bool:
@@ -112,50 +112,78 @@ class SoldOutMarks:
         return until is not None and until > time.monotonic()
 
     def mark(self, product_id: str) -> None:
-        self._until[product_id] = time.monotonic() + self._ttl_s
+        now = time.monotonic()
+        if len(self._until) >= self._max_size and product_id not in self._until:
+            self._until = {k: t for k, t in self._until.items() if t > now}
+            while len(self._until) >= self._max_size:  # all live: forget the oldest (dicts keep insertion order)
+                del self._until[next(iter(self._until))]
+        self._until[product_id] = now + self._ttl_s
 
     def clear(self, product_id: str) -> None:
         self._until.pop(product_id, None)
+
+    def __len__(self) -> int:
+        return len(self._until)
 
 
 class NotLoaded(Exception):
     """Redis holds no counters for this product (never loaded, or its data was lost)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StockRules:
+    rate: RateLimits = field(default_factory=RateLimits)
+    customers: CustomerRules = field(default_factory=CustomerRules)
+    sold_out_ttl_s: float = 0.2
+    # How long an unknown product id is refused without asking PostgreSQL again (in this process, and by a
+    # marker in Redis that every process sees). Creating the product deletes both at once in the creating
+    # process; another process may still refuse it for up to this long from its own memory.
+    unknown_ttl_s: float = 5.0
+
+
 class Stock:
-    def __init__(self, redis: RedisClient, pool: PgPool, *, rate: RateLimits | None = None,
-                 sold_out_ttl_s: float = 0.2) -> None:
+    def __init__(self, redis: RedisClient, pool: PgPool, rules: StockRules | None = None) -> None:
         self.redis = redis
         self.pool = pool
-        self.rate = rate or RateLimits()
-        self.sold_out = SoldOutMarks(sold_out_ttl_s)
+        rules = rules or StockRules()
+        self.rate, self._unknown_ttl_ms = rules.rate, int(rules.unknown_ttl_s * 1000)
+        self.sold_out = ExpiringMarks(rules.sold_out_ttl_s)
+        self.unknown = ExpiringMarks(rules.unknown_ttl_s)
         self._reserve = ScriptBatcher(redis, redis.register_script(_script("reserve.lua")))
+        self.customers = CustomerLimits(redis, self._reserve, rules.customers)
         self._settle = redis.register_script(_script("release.lua"))
         self._load = redis.register_script(_script("load.lua"))
-        self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # A lock lives only while a load of its product runs or waits: an unknown id leaves nothing behind.
+        self._loading: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._behind: dict[str, asyncio.Task[None]] = {}  # products being rebuilt because Redis fell behind
         self.rebuilds_behind = 0  # how often Redis was found behind PostgreSQL (went back in time)
 
-    async def reserve(self, ask: Ask) -> Reservation:
+    async def reserve(self, ask: Ask, *, before_loading: Callable[[], Awaitable[None]] | None = None
+                      ) -> Reservation:
         """Reserve, loading the product from PostgreSQL first if Redis has no counters for it. The in-process
-        sold-out mark is the caller's to check first (refuse_if_sold_out), before it spends work on the ask."""
+        refusals are the caller's to check first (refuse_from_memory), before it spends work on the ask.
+        `before_loading` runs before any PostgreSQL work (the customer's admission: a refused one costs none)."""
         for _ in range(3):
             try:
                 return await self._try_reserve(ask)
             except NotLoaded:
+                if before_loading is not None:
+                    await before_loading()
                 await self.ensure_loaded(ask.product_id)
         raise Unavailable("Stock is being rebuilt; retry shortly")
 
-    def refuse_if_sold_out(self, product_id: str) -> None:
-        """The in-process refusal: call it before any other work a sold-out answer would waste."""
+    def refuse_from_memory(self, product_id: str) -> None:
+        """The in-process refusals: call it before any other work a sold-out or unknown answer would waste."""
         if self.sold_out.refuses(product_id):
             raise OutOfStock("Sold out", available=0)
+        if self.unknown.refuses(product_id):
+            raise NotFound(f"Unknown product {product_id}")
 
     async def _try_reserve(self, ask: Ask) -> Reservation:
         k = product_keys(ask.product_id)
         try:
             answer = await self._reserve(
-                (k.scripts, self.rate.args),
+                (k.reserve_head, self.rate.args),
                 keys=[k.rate_user(ask.user_id), k.rate_client(ask.client)],
                 args=[str(ask.order_id), ask.quantity, ask.user_id],
             )
@@ -170,6 +198,9 @@ class Stock:
     def _refusal(self, product_id: str, code: str, answer: list[Any]) -> NoReturn:
         if code == "NOT_LOADED":
             raise NotLoaded(product_id)
+        if code == "UNKNOWN":  # another loader found no such product a moment ago
+            self.unknown.mark(product_id)
+            raise NotFound(f"Unknown product {product_id}")
         if code == "OUT_OF_STOCK":
             available = int(answer[1])
             if available == 0:
@@ -271,11 +302,25 @@ class Stock:
             log.exception("rebuilding %s failed", product_id)
 
     async def ensure_loaded(self, product_id: str) -> None:
-        """Fail closed while exactly one loader (per process, and across processes by the row lock) rebuilds."""
-        async with self._loading[product_id]:
+        """Fail closed while exactly one loader (per process, and across processes by the row lock) rebuilds.
+        A product PostgreSQL does not know is remembered as unknown, here and in Redis, for unknown_ttl_s."""
+        lock = self._loading.get(product_id)
+        if lock is None:
+            lock = self._loading[product_id] = asyncio.Lock()
+        async with lock:
             if await self.redis.exists(product_keys(product_id).stock):
                 return
-            await self.rebuild(product_id, only_if_missing=True)
+            try:
+                await self.rebuild(product_id, only_if_missing=True)
+            except NotFound:
+                self.unknown.mark(product_id)
+                await self.redis.set(product_keys(product_id).absent, 1, px=self._unknown_ttl_ms)
+                raise
+
+    async def forget_unknown(self, product_id: str) -> None:
+        """The product was just created: this process and the Redis marker stop calling it unknown."""
+        self.unknown.clear(product_id)
+        await self.redis.delete(product_keys(product_id).absent)
 
     async def rebuild(
         self,

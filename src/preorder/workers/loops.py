@@ -9,6 +9,7 @@ import time
 from preorder.orders import repository as order_repo
 from preorder.orders.service import Orders
 from preorder.workers.reconciler import Reconciler, RedisWatch
+from preorder.workers.unpaid import recount_unpaid
 
 log = logging.getLogger("preorder.workers")
 
@@ -34,13 +35,17 @@ async def run_forever(orders: Orders) -> None:
     reconciler = Reconciler(orders.stock, orphan_hold_s=settings.orphan_hold_s,
                             full_interval_s=settings.reconcile_full_interval_s)
     watch = RedisWatch(orders.stock)
-    next_reconcile = 0.0
+    next_reconcile = next_recount = 0.0
     while True:
         try:
             due = time.monotonic() >= next_reconcile
             await run_once(orders, reconciler if due else None, watch)
             if due:
                 next_reconcile = time.monotonic() + orders.settings.reconcile_interval_s
+            if time.monotonic() >= next_recount:
+                if fixed := await recount_unpaid(orders):
+                    log.warning("recounted %d customers' unpaid units from PostgreSQL", fixed)
+                next_recount = time.monotonic() + orders.settings.unpaid_recount_interval_s
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a dependency is down: try again next round, never die

@@ -2,6 +2,7 @@
 -- the same outcome as running the orders one after another, in one script call.
 -- KEYS: 1 stock hash, 2 holds hash (order_id -> "qty:user:reserved_at_ms"), 3 per-user counts hash, 4 fresh
 --       holds (sorted set order_id by reserved_at_ms: holds the reconciler has yet to find an order row for),
+--       5 the unknown-product marker (set by a loader that found no such product in PostgreSQL),
 --       then per order two rate counters, this customer's and this client address's (all share the tag).
 -- ARGV: 1 customer limit, 2 address limit, 3 rate window (ms), then per order: order_id, quantity, user_id.
 -- Returns one answer per order. Redis does not roll a script back, so each order's checks come before its writes.
@@ -10,8 +11,10 @@ local f = redis.call('HMGET', KEYS[1], 'total', 'reserved', 'epoch', 'starts', '
 local n = (#ARGV - 3) / 3
 local answers = {}
 if not f[1] then
+  -- Only a product without counters can be unknown: a loaded one is known whatever a stale marker says.
+  local code = redis.call('EXISTS', KEYS[5]) == 1 and 'UNKNOWN' or 'NOT_LOADED'
   for i = 1, n do
-    answers[i] = {'NOT_LOADED'}
+    answers[i] = {code}
   end
   return answers
 end
@@ -72,7 +75,7 @@ end
 
 for i = 1, n do
   local a = 3 + (i - 1) * 3
-  local k = 4 + (i - 1) * 2
+  local k = 5 + (i - 1) * 2
   -- One ask's error (a key of the wrong type, say) answers that ask alone: the others of the call still run.
   -- Its checks come before its writes, so an ask that fails in them has written nothing.
   local ok, answer = pcall(reserve, {KEYS[k + 1], KEYS[k + 2]}, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3])
