@@ -85,7 +85,7 @@ async def test_a_plan_defaults_its_credit_and_deposit_window_and_a_patch_cannot_
     assert (product["deposit_credit"], product["deposit_window_seconds"]) == (DEPOSIT, 1800)
     assert (product["payment_plan"], product["deposit_refundable"]) == ("deposit", False)
     r = await client.patch("/api/products/P1001", json={"price_amount": DEPOSIT}, headers=ADMIN)
-    assert r.status_code == 400, r.text
+    assert r.status_code == 409 and "payment_plan" in r.json()["detail"], r.text
     assert (await client.get("/api/products/P1001")).json()["price_amount"] == PRICE
 
 

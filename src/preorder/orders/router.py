@@ -8,7 +8,7 @@ import re
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from preorder.audit.actor import client_address
@@ -255,10 +255,13 @@ async def list_refunds(order: OwnedOrder, orders: OrdersDep) -> RefundList:
     return RefundList(order_id=order.order_id, items=await orders.refunds(order))
 
 
+RefundId = Annotated[int, Path(ge=1, le=2**63 - 1, description="refund_id from GET /api/preorder/{id}/refunds")]
+
+
 @router.post("/{order_id}/refunds/{refund_id}/succeeded", summary="Record that a refund was paid back",
              responses=problems(ValidationFailed, MalformedBody, Unauthorized, Forbidden, NotFound, Conflict,
                                 Unavailable))
-async def refund_succeeded(order_id: uuid.UUID, refund_id: int, body: RefundDone, admin: Admin,
+async def refund_succeeded(order_id: uuid.UUID, refund_id: RefundId, body: RefundDone, admin: Admin,
                            orders: OrdersDep, request: Request) -> RefundOut:
     """**Who may call:** admins.
 

@@ -62,11 +62,8 @@ async def patch(pool: PgPool, stock: Stock, product_id: str, body: ProductPatch,
                                         after=dict(updated[0])))
 
     # Counters, window and limit live in Redis too: change and rebuild them under one new epoch.
-    try:
-        await stock.rebuild(product_id, apply=apply)
-    except asyncpg.CheckViolationError:
-        # e.g. a new price at or below the deposit, or a presale start after the balance window opens
-        raise BadRequest("The change would make the product's payment plan inconsistent") from None
+    # A change that breaks the stored payment plan (a price at or below the deposit) fails its CHECK: 409.
+    await stock.rebuild(product_id, apply=apply)
     return _out(updated[0], await stock.levels(product_id))
 
 
