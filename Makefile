@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PYTHON_DOWNLOADS := never
 PYTEST_ARGS ?=
 
-.PHONY: dev test bench lint sync image-check
+.PHONY: dev test bench lint sync image-check deploy-check
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m venv .tools && .tools/bin/pip install --quiet uv
@@ -32,3 +32,7 @@ image-check: sync
 lint: sync
 	$(UV) run --frozen ruff check src tests deploy
 	$(UV) run --frozen mypy
+
+# promtool: the Prometheus config and alert rules checked, and the rules' unit tests run (deploy/check.sh).
+deploy-check:
+	bash deploy/check.sh

@@ -78,6 +78,7 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    args: tuple[str, ...] = ()  # more `preorder serve` options, e.g. ("--workers", "2")
 
     @property
     def url(self) -> str:
@@ -92,7 +93,7 @@ class Server:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [str(PREORDER), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--workers", str(self.workers)],
+                 "--workers", str(self.workers), *self.args],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -49,7 +49,8 @@ async def assert_invariants(
     )
     for r in rows:
         assert r["reserved"] <= r["total_stock"], f"I1 oversold {r['id']}: {r['reserved']} > {r['total_stock']}"
-        assert r["sold"] == r["reserved"], f"I1 sold counter of {r['id']}: {r['sold']}, its orders hold {r['reserved']}"
+        assert r["sold"] == r["reserved"], (
+            f"I1 sold counter of {r['id']} is {r['sold']}, its orders hold {r['reserved']}")
         if not settled:
             continue
         total, reserved = await redis.hmget(product_keys(r["id"]).stock, ["total", "reserved"])

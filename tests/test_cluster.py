@@ -85,7 +85,7 @@ async def test_one_turn_of_asks_for_products_on_every_node_is_one_script_call_pe
     async def one_turn(turn: int) -> None:
         def ask(pid: str, i: int) -> asyncio.Future[Any]:
             k = product_keys(pid)
-            head = (k.scripts, (1_000_000, 1_000_000, 1000))
+            head = (k.reserve_head, (1_000_000, 1_000_000, 1000))
             keys = [k.rate_user(f"u{i}"), k.rate_client("c")]
             return batcher(head, keys=keys, args=[f"order-{pid}-{turn}-{i}", 1, f"u{i}"])
 

@@ -66,7 +66,7 @@ async def stack(settings: Settings, db: asyncpg.Connection, tmp_path: Path,
     server = Server(env, tmp_path)
     try:
         async with receiving(hang_s=3) as receiver:
-            await server.start(within=60)  # importing and starting, on a loaded 2-core machine
+            await server.start()
             async with server.client(timeout=10) as client:
                 r = await client.post("/api/webhooks", json={"url": receiver.url("shop")}, headers=ADMIN)
                 assert r.status_code == 201, r.text
@@ -134,7 +134,7 @@ async def test_kill_9_during_relay_then_restart_loses_no_event(db: asyncpg.Conne
         await eventually(lambda: _events_at_least(db, 300), within=30)
         pending = await db.fetchval("SELECT count(*) FROM event_deliveries WHERE status = 'pending'")
         stack.server.kill()
-        await stack.server.start(within=60)
+        await stack.server.start()
         await eventually(lambda: _events_at_least(db, 600), within=30)
     assert pending is not None
     await assert_all_delivered(db, stack)

@@ -44,7 +44,9 @@ def reconcile(settings):
 
 
 def line_of(run: Run, product_id: str = "P1001") -> list[str]:
-    return next(line.split() for line in run.out.splitlines() if line.startswith(product_id))
+    lines = [line.split() for line in run.out.splitlines() if line.startswith(product_id)]
+    assert lines, run.out
+    return lines[0]
 
 
 async def orders(client, n: int, qty: int = 2) -> list[str]:

@@ -36,11 +36,12 @@ def is_cluster_url(url: str) -> bool:
 def create_redis(settings: Settings) -> RedisClient:
     if is_cluster_url(settings.redis_url):
         return _create_cluster(settings)
-    # A blocking pool: a burst waits (bounded by the timeout) for a connection instead of failing at once.
+    # A blocking pool: a burst waits (bounded by the timeout) for a connection instead of failing at once. The
+    # wait is as short as a command's: with Redis hung, every connection is stuck and a request must not queue.
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_pool_max,
-        timeout=settings.redis_timeout_s * 5,
+        timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
@@ -48,10 +49,14 @@ def create_redis(settings: Settings) -> RedisClient:
     return aioredis.Redis(connection_pool=pool)
 
 
+# The asyncio cluster client cannot wait for a free connection (no blocking pool): past its per-node cap a call
+# fails at once with MaxConnectionsError (503). Its cap is therefore a ceiling against runaway, not a queue:
+# 500 concurrent creates in one process hit 64 on a node (tests/test_stock_concurrency.py on a cluster).
+CLUSTER_MIN_NODE_CONNECTIONS = 512
+
+
 def _create_cluster(settings: Settings) -> RedisCluster:
-    """The asyncio cluster client keeps one pool per node of at most redis_pool_max connections (it has no
-    blocking pool: past the limit a call fails with MaxConnectionsError, answered 503). The reserve batcher
-    sends one pipeline per node per loop turn, so a node rarely needs more than a few."""
+    """One pool per node, of max(redis_pool_max, CLUSTER_MIN_NODE_CONNECTIONS) connections."""
     parts = urlsplit(settings.redis_url)
     hosts = parts.netloc.rsplit("@", 1)[-1]
     nodes = [ClusterNode(host, int(port)) for host, port in (h.rsplit(":", 1) for h in hosts.split(",") if h)]
@@ -63,7 +68,7 @@ def _create_cluster(settings: Settings) -> RedisCluster:
         startup_nodes=nodes,
         username=unquote(username) or None,
         password=unquote(password) or None,
-        max_connections=settings.redis_pool_max,
+        max_connections=max(settings.redis_pool_max, CLUSTER_MIN_NODE_CONNECTIONS),
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
@@ -79,6 +84,7 @@ async def clock_ms(redis: RedisClient, key: str) -> int:
     """Redis's clock, in ms, on the node that owns `key`: the clock a script on that key stamps with. (Cluster
     nodes' clocks differ; TIME without a target would answer from an arbitrary node.)"""
     if isinstance(redis, RedisCluster):
+        await redis.initialize()  # the slot map (a no-op once known, unless an error marked it stale)
         seconds, micros = await redis.time(target_nodes=redis.get_node_from_key(key))
     else:
         seconds, micros = await redis.time()

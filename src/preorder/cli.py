@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import secrets
+import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import uvicorn
 
+from preorder import logs
 from preorder.settings import Settings
 from preorder.types import ID_RE
 
@@ -30,10 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     dev = sub.add_parser("dev", help="run with embedded PostgreSQL and Redis, migrated, with a demo product")
     dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--log-format", choices=["json", "console"], default="console")
     serve = sub.add_parser("serve", help="production server (PREORDER_DATABASE_URL, PREORDER_REDIS_URL)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, help="default: PREORDER_PORT, else 8000")
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-format", choices=["json", "console"], default=None,
+                       help="default: PREORDER_LOG_FORMAT, else json")
     sub.add_parser("migrate", help="apply schema migrations to PREORDER_DATABASE_URL")
     rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for every product")
     rec.add_argument("--fix", action="store_true", help="settle holds and rebuild drifted products")
@@ -52,16 +60,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from preorder.devserver import run_dev
 
+    os.environ["PREORDER_LOG_FORMAT"] = args.log_format
     return run_dev(port=args.port)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.log_format:
+        os.environ["PREORDER_LOG_FORMAT"] = args.log_format  # the workers read their settings from the environment
     settings = Settings()  # refuse to start with unsafe or missing settings, before forking workers
-    port = settings.port if args.port is None else args.port
-    uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=port, workers=args.workers,
-                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=10,
-                timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S)
+    logs.configure(settings.log_format)
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again for its default action (death by signal,
+    # exit status 143). A stop that completed gracefully is a success: with this handler in place it exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    with _metrics_dir(args.workers):
+        port = settings.port if args.port is None else args.port
+        uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=port, workers=args.workers,
+                    loop="uvloop", http="httptools", access_log=False, log_config=None,
+                    timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S,
+                    timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s / 2)))
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_dir(workers: int) -> Iterator[None]:
+    """With several workers, prometheus-client's multiprocess mode: each worker writes its metrics to files in one
+    folder and a scrape (answered by any worker) sums them. A folder of our own, emptied at start as the mode
+    requires, unless the operator named one (PROMETHEUS_MULTIPROC_DIR)."""
+    if workers < 2 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="preorder-metrics-") as folder:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def _migrate(_: argparse.Namespace) -> int:
@@ -73,6 +106,7 @@ def _migrate(_: argparse.Namespace) -> int:
     if not settings.database_url:
         print("PREORDER_DATABASE_URL is not set", file=sys.stderr)
         return 2
+
     migrations.upgrade(settings.database_url)
     print("schema is at the latest migration")
     return 0

@@ -9,10 +9,11 @@ import asyncpg
 import orjson
 from fastapi import Depends, Request
 
+from preorder import metrics
 from preorder.settings import Settings
 
 if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
+    from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
     PgPool = asyncpg.Pool[Any]
     PgConn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
@@ -48,14 +49,47 @@ def asyncpg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+class BoundedPool(PgPool):
+    """asyncpg's pool with a default acquire timeout, so no caller (a read, a status change, a worker, the
+    pool's own fetch helpers) can wait for a connection without bound; and gauges of connections in use and
+    acquires waiting."""
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext[Any]:
+        return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
+
+    async def _acquire(self, timeout: float | None) -> PoolConnectionProxy[Any]:  # noqa: ASYNC109
+        with metrics.POOL_WAITING.track_inprogress():
+            conn: PoolConnectionProxy[Any] = await super()._acquire(timeout)  # type: ignore[misc]
+        metrics.POOL_IN_USE.inc()
+        return conn
+
+    async def release(  # asyncpg's signature
+        self, connection: PoolConnectionProxy[Any], *, timeout: float | None = None  # noqa: ASYNC109
+    ) -> None:
+        metrics.POOL_IN_USE.dec()
+        await super().release(connection, timeout=timeout)
+
+
 async def create_pool(settings: Settings) -> PgPool:
     # min_size=0: the app starts (and /readyz reports) even while PostgreSQL is down.
-    pool = await asyncpg.create_pool(
+    pool = await BoundedPool(
         asyncpg_dsn(settings.database_url),
+        acquire_timeout=settings.db_acquire_timeout_s,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        max_queries=50_000,
+        setup=None,
+        loop=None,
         min_size=0,
         max_size=settings.db_pool_max,
         timeout=settings.db_connect_timeout_s,
-        command_timeout=settings.db_statement_timeout_ms / 1000 + 1,
+        # Later than the server's statement timeout (so a slow statement ends with PostgreSQL's clean error), but
+        # bounded: with PostgreSQL hung nothing answers at all, and this is what ends the wait.
+        command_timeout=_client_timeout(settings),
         max_inactive_connection_lifetime=300,
         init=_init_connection,
         reset=_keep_session,
@@ -65,8 +99,13 @@ async def create_pool(settings: Settings) -> PgPool:
             "application_name": "preorder",
         },
     )
-    assert pool is not None
+    metrics.POOL_MAX.set(settings.db_pool_max)
     return pool
+
+
+def _client_timeout(settings: Settings) -> float:
+    statement_s = settings.db_statement_timeout_ms / 1000
+    return statement_s + min(1.0, statement_s / 2)
 
 
 async def get_pool(request: Request) -> PgPool:

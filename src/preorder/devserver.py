@@ -33,7 +33,8 @@ def run_dev(*, port: int) -> int:
                             jwt_secret=configured.jwt_secret or dev_secret(root), webhook_allow_private=True)
         asyncio.run(_seed(settings))
         _print_welcome(settings, port)
-        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, loop="uvloop", access_log=False)
+        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, loop="uvloop", access_log=False,
+                    log_config=None)
     finally:
         for server in reversed(started):
             server.stop()

@@ -14,8 +14,12 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from preorder import cache, db, logs
+
 log = logging.getLogger("preorder")
 PROBLEM = "application/problem+json"
+# A dependency not answering (refused, reset, timed out): the request gets 503 + Retry-After, never 500.
+OUTAGES: tuple[type[Exception], ...] = (*db.UNAVAILABLE, *cache.UNAVAILABLE)
 
 
 class DomainError(Exception):
@@ -23,6 +27,7 @@ class DomainError(Exception):
     kind = "bad-request"
     title = "Bad request"
     headers: dict[str, str] | None = None
+    reason = "bad_request"  # the metrics label of a refused create (a bounded set: one per class)
 
     def __init__(self, detail: str = "", **extra: Any) -> None:
         super().__init__(detail or self.title)
@@ -53,27 +58,41 @@ class PayloadTooLarge(DomainError):
 
 
 class NotFound(DomainError):
-    status, kind, title = 404, "not-found", "Not found"
+    status, kind, title, reason = 404, "not-found", "Not found", "not_found"
 
 
 class Conflict(DomainError):
-    status, kind, title = 409, "conflict", "Conflict"
+    status, kind, title, reason = 409, "conflict", "Conflict", "conflict"
 
 
 class OutOfStock(Conflict):
-    kind, title = "out-of-stock", "Out of stock"
+    kind, title, reason = "out-of-stock", "Out of stock", "out_of_stock"
+
+
+class SoldOutMark(OutOfStock):
+    """Refused from this process's memory of a sold-out answer, without asking Redis (same problem type)."""
+
+    reason = "sold_out_mark"
 
 
 class UserLimitReached(Conflict):
-    kind, title = "per-user-limit", "Per-user limit reached"
+    kind, title, reason = "per-user-limit", "Per-user limit reached", "user_limit"
 
 
 class UnpaidLimitReached(Conflict):
-    kind, title = "unpaid-limit", "Too many units held unpaid"
+    kind, title, reason = "unpaid-limit", "Too many units held unpaid", "unpaid_limit"
 
 
 class PresaleClosed(Conflict):
-    kind, title = "presale-closed", "Presale is not open"
+    kind, title, reason = "presale-closed", "Presale is not open", "presale_closed"
+
+
+class PresaleNotStarted(PresaleClosed):
+    reason = "not_started"
+
+
+class PresaleEnded(PresaleClosed):
+    reason = "ended"
 
 
 class ConstraintViolated(Conflict):
@@ -100,14 +119,16 @@ class PaymentReferenceUsed(Conflict):
 
 class IdempotencyInProgress(Conflict):
     kind, title = "idempotency-in-progress", "A request with this Idempotency-Key is still running"
+    reason = "idempotency"
 
 
 class IdempotencyMismatch(DomainError):
     status, kind, title = 422, "idempotency-key-reused", "Idempotency-Key was used with another request"
+    reason = "idempotency"
 
 
 class Unauthorized(DomainError):
-    status, kind, title = 401, "unauthorized", "Unauthorized"
+    status, kind, title, reason = 401, "unauthorized", "Unauthorized", "unauthorized"
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail)
@@ -115,11 +136,11 @@ class Unauthorized(DomainError):
 
 
 class Forbidden(DomainError):
-    status, kind, title = 403, "forbidden", "Forbidden"
+    status, kind, title, reason = 403, "forbidden", "Forbidden", "forbidden"
 
 
 class RateLimited(DomainError):
-    status, kind, title = 429, "rate-limited", "Too many requests"
+    status, kind, title, reason = 429, "rate-limited", "Too many requests", "rate_limited"
 
     def __init__(self, retry_after: int, detail: str = "Too many order requests; retry later") -> None:
         super().__init__(detail, retry_after=retry_after)
@@ -127,7 +148,7 @@ class RateLimited(DomainError):
 
 
 class Unavailable(DomainError):
-    status, kind, title = 503, "unavailable", "Service unavailable"
+    status, kind, title, reason = 503, "unavailable", "Service unavailable", "unavailable"
 
     def __init__(self, detail: str = "", retry_after: int = 1) -> None:
         super().__init__(detail)
@@ -145,6 +166,10 @@ class ProblemResponse(JSONResponse):
 
 def problem(status: int, kind: str, title: str, detail: str, **extra: Any) -> JSONResponse:
     body = {"type": f"/problems/{kind}", "title": title, "status": status, "detail": detail, **extra}
+    info = logs.CURRENT.get()
+    if info is not None:  # the occurrence: the request id, which the access line and the error's log lines carry
+        body["instance"] = f"urn:request:{info.request_id}"
+        info.problem = kind
     return ProblemResponse(body, status_code=status)
 
 
@@ -206,10 +231,14 @@ async def _constraint(_: Request, exc: Exception) -> JSONResponse:
     return problem(409, ConstraintViolated.kind, ConstraintViolated.title, detail)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    request_id = request.headers.get("x-request-id", "-")
-    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
+def unexpected(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """Any error no handler knows: logged with its exception (and the request id), answered as a plain 500."""
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
     return problem(500, "internal", "Internal error", "The server failed; it has been logged.")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected(request.method, request.url.path, exc)
 
 
 def register(app: FastAPI) -> None:

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     # never hangs on a stuck database and an order write can never commit late (see write_deadline).
     db_statement_timeout_ms: int = Field(default=3_000, ge=100)
     db_connect_timeout_s: float = Field(default=2.0, gt=0)
+    # Every pool acquire waits at most this long (then 503): with PostgreSQL hung, requests must not queue.
+    db_acquire_timeout_s: float = Field(default=10.0, gt=0)
     redis_timeout_s: float = Field(default=1.0, gt=0)
     redis_pool_max: int = Field(default=64, ge=1)
 
@@ -93,6 +95,10 @@ class Settings(BaseSettings):
     webhook_disable_after_s: float = Field(default=3 * 86_400.0, gt=0, description="failing this long: disabled")
     # Refuse endpoints on loopback, private, link-local and metadata addresses (SSRF) unless this is set.
     webhook_allow_private: bool = False
+    log_format: Literal["json", "console"] = "json"
+    access_log: bool = True
+    # SIGTERM: in-flight requests get up to half of this to finish, the order writes, workers and pools the rest.
+    shutdown_timeout_s: float = Field(default=20.0, gt=0)
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from prometheus_client import Gauge
@@ -16,9 +16,11 @@ from prometheus_client import Gauge
 from preorder.db import PgPool
 from preorder.events import repository as repo
 from preorder.events.envelope import cloud_event, encode
-from preorder.events.nats_sink import NatsSink
 from preorder.events.webhooks import WebhookSender
 from preorder.settings import Settings
+
+if TYPE_CHECKING:
+    from preorder.events.nats_sink import NatsSink
 
 log = logging.getLogger("preorder.events")
 LAG = Gauge("preorder_events_relay_lag_seconds", "Age of the oldest event not yet received by every active sink")
@@ -32,7 +34,7 @@ class Relay:
     def __init__(self, *, pool: PgPool, settings: Settings) -> None:
         self.pool, self.settings = pool, settings
         self.lag_s = 0.0
-        self._nats = NatsSink(settings.nats_url, timeout_s=2.0) if settings.nats_url else None
+        self._nats = _nats_sink(settings.nats_url) if settings.nats_url else None
         self._webhooks = WebhookSender(timeout_s=settings.webhook_timeout_s,
                                        allow_private=settings.webhook_allow_private,
                                        max_connections=_WEBHOOK_CONCURRENCY)
@@ -152,3 +154,10 @@ class Relay:
         await self._webhooks.close()
         if self._nats is not None:
             await self._nats.close()
+
+
+def _nats_sink(url: str) -> NatsSink:
+    """Imported only when NATS is configured: the client library is most of a second of start-up on a busy host."""
+    from preorder.events.nats_sink import NatsSink
+
+    return NatsSink(url, timeout_s=2.0)

@@ -18,7 +18,10 @@ _URL_RULES: dict[str, Any] = {"min_length": 8, "max_length": 2048, "pattern": r"
 
 
 class WebhookCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "url": "https://shop.example/hooks", "event_types": ["preorder.order.created", "preorder.order.paid"],
+        "description": "fulfilment",
+    }]})
     url: str = Field(**_URL_RULES)
     event_types: list[EventType] | None = Field(default=None, min_length=1, description="all types when absent")
     description: Text | None = Field(default=None, max_length=500)
@@ -27,7 +30,8 @@ class WebhookCreate(BaseModel):
 class WebhookChange(BaseModel):
     """Pause or resume (a disabled endpoint is resumed the same way), rotate the secret, or edit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"status": "paused"},
+                                                                              {"rotate_secret": True}]})
     status: Literal["active", "paused"] | None = None
     rotate_secret: bool = False
     url: str | None = Field(default=None, **_URL_RULES)

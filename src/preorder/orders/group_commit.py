@@ -5,10 +5,12 @@ costs no latency, it only appears when there is a queue."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from preorder import metrics
 from preorder.orders.repository import NewOrder, Written
 
 Write = Callable[[list[NewOrder]], Awaitable[dict[uuid.UUID, Written]]]
@@ -34,13 +36,21 @@ class GroupCommit:
             self._inflight.add(task)
             task.add_done_callback(self._done)
 
+    async def drain(self) -> None:
+        """Wait until every queued and in-flight batch has been written (shutdown: no order left unwritten)."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._start()
 
     async def _run(self, batch: list[tuple[NewOrder, asyncio.Future[Any]]]) -> None:
+        metrics.COMMIT_BATCH.observe(len(batch))
+        started = time.perf_counter()
         try:
             rows = await self._write([new for new, _ in batch])
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         except BaseException as exc:  # the whole statement failed: every order in it shares the outcome
             for _, future in batch:
                 if future.done():

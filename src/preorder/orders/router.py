@@ -11,9 +11,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
+from preorder import metrics
 from preorder.audit.actor import client_address
 from preorder.auth import BEARER_SECURITY, Admin, CurrentUser, Principal, bearer_principal
 from preorder.errors import (
+    OUTAGES,
     BadRequest,
     BalanceWindowNotOpen,
     Conflict,
@@ -121,7 +123,11 @@ async def create_order(
     try:
         order, replayed = await orders.create(principal, body, idem_key=idempotency_key(request), client=client)
     except DomainError as refused:  # the 409s of a sold-out sale, rendered here: Starlette's handler lookup measured
+        metrics.refused(refused.reason).inc()
         return render(refused)
+    except OUTAGES:
+        metrics.refused("unavailable").inc()
+        raise
     headers = {"Location": f"/api/preorder/{order.order_id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

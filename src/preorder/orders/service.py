@@ -7,13 +7,14 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
+from preorder import cache, metrics
 from preorder.audit import repository as audit
 from preorder.audit.actor import Actor
 from preorder.auth import Principal
@@ -109,7 +110,9 @@ class Orders:
                 raise
             return replay, True
         finally:
-            await self.redis.delete(marker)
+            # Best effort: the order is decided by now, so a Redis failure here must not turn it into a 503.
+            # A marker left behind expires with its TTL (twice the write deadline).
+            await _best_effort("idempotency_marker", self.redis.delete(marker))
 
     def _customer_for(self, principal: Principal, body: OrderCreate) -> str:
         user_id = body.user_id or principal.sub
@@ -149,6 +152,7 @@ class Orders:
         except Exception:
             await admission.cancel()
             raise
+        metrics.ORDERS_CREATED.inc()
         order = to_out(row)
         if body.payment is not None:
             order = await self._pay_at_once(order, body.payment, principal)
@@ -216,8 +220,8 @@ class Orders:
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
         # Failing here means no connection, so nothing was written. Waiting longer than the write deadline is
-        # useless (the fence would refuse the write) and, with PostgreSQL unreachable, would queue without bound.
-        conn = await self.pool.acquire(timeout=self.settings.write_deadline_s)
+        # useless (the fence would refuse the write), and the pool's bound holds as everywhere.
+        conn = await self.pool.acquire(timeout=min(self.settings.write_deadline_s, self.settings.db_acquire_timeout_s))
         try:
             yield conn
         finally:
@@ -272,17 +276,20 @@ class Orders:
         if row is None:  # lost a race: say to what
             current = await self.get(principal, order.order_id)
             raise InvalidTransition(f"The order is {current.status} now", current=current.status)
+        metrics.status_changed(order.status, change.status).inc()
         await self._left(order, rule)
         return to_out(row)
 
     async def _left(self, order: OrderOut, rule: machine.Rule) -> None:
-        """After the order left its status: the customer's unpaid count, and the stock its rule says."""
+        """After the order left its status: the customer's unpaid count, and the stock its rule says. The change
+        is committed: these Redis steps are best effort (the reconciler settles a hold, the unpaid recount a
+        customer's count, when one fails here)."""
         if order.status == Status.PENDING:  # no longer unpaid: its units leave the customer's unpaid count
-            await self.stock.customers.give_back(order.user_id, order.quantity)
+            await _best_effort("unpaid", self.stock.customers.give_back(order.user_id, order.quantity))
         if rule.stock == "release":
-            await self.stock.release(order.product_id, order.order_id)
+            await _best_effort("release", self.stock.release(order.product_id, order.order_id))
         elif rule.stock == "drop":
-            await self.stock.drop(order.product_id, order.order_id)
+            await _best_effort("drop", self.stock.drop(order.product_id, order.order_id))
 
     async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
                           ) -> asyncpg.Record | None:
@@ -354,8 +361,10 @@ class Orders:
                 currency=body.currency, actor=principal.sub, frm=frm, to=to, now=now, seen=order.updated_at,
                 late_ok=late_ok)
             row = await self._pay(principal, new, client=client)
+            if row["applied"]:
+                metrics.status_changed(frm, to).inc()
             if row["applied"] and frm == Status.PENDING:  # no longer unpaid: leaves the customer's unpaid count
-                await self.stock.customers.give_back(order.user_id, order.quantity)
+                await _best_effort("unpaid", self.stock.customers.give_back(order.user_id, order.quantity))
             if row["payment_id"] is not None:
                 payment = await repo.payment_by_reference(self.pool, body.reference)
                 assert payment is not None
@@ -426,7 +435,10 @@ class Orders:
     async def expire_due(self, *, limit: int = 500) -> int:
         """Cancel unpaid orders past their window (safe to run in every process at once)."""
         rows = await repo.expire_due(self.pool, limit=limit, now=self.clock.now())
-        for r in rows:
+        if rows:
+            metrics.status_changed("pending", "cancelled").inc(len(rows))
+            metrics.SWEEPER_EXPIRED.inc(len(rows))
+        for r in rows:  # a failure stops the round: with Redis down, the rest would each wait for its timeout
             await self.stock.customers.give_back(r["user_id"], r["quantity"])
         await self._release_all(rows)
         return len(rows)
@@ -436,12 +448,18 @@ class Orders:
         A crash between the statement and the releases leaves holds the reconciler settles (forfeited orders
         are in its index of settled orders)."""
         rows = await repo.forfeit_due(self.pool, limit=limit, now=self.clock.now())
+        if rows:
+            metrics.status_changed(Status.DEPOSIT_PAID, Status.FORFEITED).inc(len(rows))
         await self._release_all(rows)
         return len(rows)
 
     async def _release_all(self, rows: list[asyncpg.Record]) -> None:
         # Concurrently: the stock service batches concurrent script calls per product into one round trip.
         await asyncio.gather(*(self.stock.release(r["product_id"], r["id"]) for r in rows))
+
+    async def drain(self) -> None:
+        """Shutdown: write every order row still queued for group commit."""
+        await self._group.drain()
 
 
 async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> repo.Written:
@@ -451,6 +469,16 @@ async def _insert_or_unknown(conn: PgConn, new: repo.NewOrder) -> repo.Written:
         # Lost mid-statement: it may or may not have committed. The hold stays for the reconciler,
         # which frees it only after the write deadline has passed and if no order row exists.
         raise Unavailable("The order store did not answer; retry") from None
+
+
+async def _best_effort(step: str, settling: Awaitable[Any]) -> None:
+    """A Redis step after a committed change: its failure is logged and counted, never raised (the order's
+    answer is already decided); the idempotency marker's TTL or the reconciler finishes the job."""
+    try:
+        await settling
+    except cache.UNAVAILABLE as exc:
+        metrics.side_effect_failed(step).inc()
+        log.warning("redis step %s failed after the commit; left to the reconciler or the TTL", step, exc_info=exc)
 
 
 async def _give_back(pool: PgPool, conn: PoolConnectionProxy[Any]) -> None:

@@ -55,3 +55,12 @@ async def update(conn: PgConn, product_id: str, changes: dict[str, Any]) -> asyn
     )
     assert row is not None
     return row  # type: ignore[no-any-return]
+
+
+async def live_ids(pool: PgPool, *, limit: int) -> list[str]:
+    """Products whose presale window is open now (NULL ends are open)."""
+    rows = await pool.fetch(
+        "SELECT id FROM products WHERE (starts_at IS NULL OR starts_at <= now()) "
+        "AND (ends_at IS NULL OR ends_at > now()) ORDER BY id LIMIT $1", limit,
+    )
+    return [r["id"] for r in rows]

@@ -15,6 +15,7 @@ answered MOVED, ASK or TRYAGAIN (a slot moved or moving). redis-py blocks `pipe.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from preorder import metrics
 from preorder.cache import RedisClient
 
 Head = tuple[tuple[str, ...], tuple[Any, ...]]  # the keys and arguments every ask of one call shares
@@ -74,10 +76,14 @@ class ScriptBatcher:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[_Call]) -> None:
+        started = time.perf_counter()
         try:
             results = await self._execute(batch)
         except Exception as exc:  # Redis unreachable: every caller gets the error (and answers 503)
             results = [exc] * len(batch)
+        metrics.RESERVE_SECONDS.observe(time.perf_counter() - started)
+        for call in batch:
+            metrics.RESERVE_ASKS.observe(len(call.futures))
         for call, result in zip(batch, results, strict=True):
             for i, future in enumerate(call.futures):
                 if future.done():

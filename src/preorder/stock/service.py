@@ -17,10 +17,19 @@ from typing import Any, NoReturn
 
 from redis.exceptions import ResponseError
 
-from preorder import cache
+from preorder import cache, metrics
 from preorder.cache import RedisClient
 from preorder.db import PgConn, PgPool
-from preorder.errors import NotFound, OutOfStock, PresaleClosed, RateLimited, Unavailable, UserLimitReached
+from preorder.errors import (
+    NotFound,
+    OutOfStock,
+    PresaleEnded,
+    PresaleNotStarted,
+    RateLimited,
+    SoldOutMark,
+    Unavailable,
+    UserLimitReached,
+)
 from preorder.status import LIVE
 from preorder.stock import repository as repo
 from preorder.stock.batching import ScriptBatcher
@@ -175,7 +184,7 @@ class Stock:
     def refuse_from_memory(self, product_id: str) -> None:
         """The in-process refusals: call it before any other work a sold-out or unknown answer would waste."""
         if self.sold_out.refuses(product_id):
-            raise OutOfStock("Sold out", available=0)
+            raise SoldOutMark("Sold out", available=0)
         if self.unknown.refuses(product_id):
             raise NotFound(f"Unknown product {product_id}")
 
@@ -211,8 +220,10 @@ class Stock:
         if code == "USER_LIMIT":
             remaining = max(int(answer[1]), 0)
             raise UserLimitReached(f"You may order {remaining} more of this product", remaining=remaining)
-        if code in ("NOT_STARTED", "ENDED"):
-            raise PresaleClosed("The presale has not started" if code == "NOT_STARTED" else "The presale has ended")
+        if code == "NOT_STARTED":
+            raise PresaleNotStarted("The presale has not started")
+        if code == "ENDED":
+            raise PresaleEnded("The presale has ended")
         if code == "ERROR":  # this ask alone raised inside the script (the others of its call ran)
             log.error("reserve script failed for %s: %s", product_id, answer[1])
             raise Unavailable("Stock could not be reserved; retry")
@@ -290,6 +301,7 @@ class Stock:
         if product_id in self._behind:
             return
         self.rebuilds_behind += 1
+        metrics.REDIS_BEHIND.labels("write_refused").inc()
         log.error("Redis is behind PostgreSQL on %s (it went back in time): rebuilding it now", product_id)
         task = asyncio.create_task(self._rebuild_logged(product_id))
         self._behind[product_id] = task
@@ -332,6 +344,8 @@ class Stock:
         """Bump the product's epoch and reload Redis from PostgreSQL. `apply` changes the product in the
         same transaction, so no order reserved against the old figures can commit after the change."""
         snap = await self._bump_and_snapshot(product_id, only_if_missing=only_if_missing, apply=apply)
+        if snap is not None:
+            metrics.REBUILDS.inc()
         self.sold_out.clear(product_id)  # the product may have stock again (e.g. a PATCH raised it)
         for _ in range(3):  # each further round needs yet another loader racing this one: rare, so bounded
             if snap is None or await self._load_is_newest(product_id, snap):

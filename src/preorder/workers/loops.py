@@ -6,9 +6,10 @@ import asyncio
 import logging
 import time
 
+from preorder import metrics
 from preorder.orders import repository as order_repo
 from preorder.orders.service import Orders
-from preorder.workers.reconciler import Reconciler, RedisWatch
+from preorder.workers.reconciler import Reconciler, RedisWatch, Settled
 from preorder.workers.unpaid import recount_unpaid
 
 log = logging.getLogger("preorder.workers")
@@ -18,6 +19,7 @@ async def run_once(orders: Orders, reconciler: Reconciler | None, watch: RedisWa
     if watch is not None:
         await watch.check()  # first: a Redis that went back in time is rebuilt before anything reads it
     expired = await orders.expire_due()
+    metrics.SWEEPER_RUNS.inc()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
     forfeited = await orders.forfeit_due()
@@ -25,9 +27,20 @@ async def run_once(orders: Orders, reconciler: Reconciler | None, watch: RedisWa
         log.info("forfeited %d deposit-paid orders past their balance window", forfeited)
     if reconciler is not None:
         settled = await reconciler.run()
+        _count(settled)
         if settled.released or settled.dropped or settled.orphans or settled.rebuilt or settled.behind:
             log.warning("settled holds: %s", settled)
         await order_repo.purge_idempotency(orders.pool, limit=1000)
+
+
+def _count(settled: Settled) -> None:
+    """Every hold the reconciler settles, and every stale product it rebuilds, is Redis and PostgreSQL
+    disagreeing: a process died between two steps, or a Redis step failed after a commit."""
+    for action in ("released", "dropped", "orphans"):
+        metrics.RECONCILER_HOLDS.labels(action).inc(getattr(settled, action))
+    metrics.RECONCILER_DRIFT.inc(settled.released + settled.dropped + settled.orphans + settled.rebuilt
+                                 + settled.behind)
+    metrics.REDIS_BEHIND.labels("counters").inc(settled.behind)
 
 
 async def run_forever(orders: Orders) -> None:
@@ -49,5 +62,6 @@ async def run_forever(orders: Orders) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a dependency is down: try again next round, never die
-            log.warning("background round failed: %r", exc)
+            metrics.BACKGROUND_FAILURES.inc()
+            log.warning("background round failed", exc_info=exc)
         await asyncio.sleep(orders.settings.sweep_interval_s)

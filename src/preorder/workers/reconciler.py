@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
+from preorder import metrics
 from preorder.cache import clock_ms
 from preorder.status import DROPPED, RELEASED
 from preorder.stock import repository as stock_repo
@@ -185,6 +186,7 @@ class RedisWatch:
         if not changed:
             return 0
         log.error("Redis changed identity (restarted, restored or failed over): rebuilding every loaded product")
+        metrics.REDIS_BEHIND.labels("identity").inc()
         rebuilt = 0
         for r in await stock_repo.epochs(self.stock.pool):
             if await self.stock.redis.exists(product_keys(r["id"]).stock):
@@ -208,9 +210,11 @@ class Reconciler:
         if self._since is None or time.monotonic() >= self._next_full:
             done = await settle_all(self.stock, orphan_hold_s=self.orphan_hold_s)
             self._next_full = time.monotonic() + self.full_interval_s
+            metrics.RECONCILER_PASSES.labels("full").inc()
         else:
             since = self._since - timedelta(seconds=self.orphan_hold_s)
             done = await settle_recent(self.stock, since=since, orphan_hold_s=self.orphan_hold_s)
+            metrics.RECONCILER_PASSES.labels("regular").inc()
         self._since = started
         return done
 

@@ -6,14 +6,14 @@ client address). Rows can only be added: a trigger refuses UPDATE, DELETE and TR
 service's own database role can rewrite history (only a superuser dropping the trigger could).
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-25
 """
 
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -7,14 +7,14 @@ order, or refunded because the order could no longer take it); every refund is a
 until an admin records the provider's refund reference.
 
 Revision ID: 0007
-Revises: 0004, 0005
+Revises: 0005
 Create Date: 2026-11-25
 """
 
 from alembic import op
 
 revision = "0007"
-down_revision = ("0004", "0005")  # also merges the two heads 0004 (events) and 0005 (audit)
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
