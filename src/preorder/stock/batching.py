@@ -83,7 +83,8 @@ class ScriptBatcher:
             results = [exc] * len(batch)
         metrics.RESERVE_SECONDS.observe(time.perf_counter() - started)
         for call in batch:
-            metrics.RESERVE_ASKS.observe(len(call.futures))
+            if call.script is self._script:  # reserve.lua's calls; the customers' admissions share the pipeline
+                metrics.RESERVE_ASKS.observe(len(call.futures))
         for call, result in zip(batch, results, strict=True):
             for i, future in enumerate(call.futures):
                 if future.done():
