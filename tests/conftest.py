@@ -119,7 +119,7 @@ def settings(servers: tuple[str, str]) -> Settings:
 async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
     await conn.execute(
-        "TRUNCATE refunds, idempotency_keys, order_events, orders, products, event_deliveries, event_sinks"
+        "TRUNCATE refunds, payments, idempotency_keys, order_events, orders, products, event_deliveries, event_sinks"
     )
     yield conn
     await conn.close()

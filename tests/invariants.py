@@ -11,11 +11,9 @@ import asyncpg
 import httpx
 
 from preorder.cache import RedisClient
+from preorder.status import LIVE, RELEASED
 from preorder.stock.keys import product_keys
 from preorder.stock.service import parse_hold
-
-LIVE = ("pending", "paid")  # the statuses whose Redis hold is kept once everything is settled
-
 
 # Every 201 a test client saw for POST /api/preorder (order id -> quantity): the clients of conftest.py and
 # harness.py record them with a response hook, and conftest.py empties it before each test. So I3 is checked for
@@ -62,6 +60,7 @@ async def assert_invariants(
         await _assert_holds_match(db, redis, r["id"])
     await _assert_created(db, created)
     await _assert_histories(db)
+    await assert_money(db)
 
 
 async def _assert_created(db: asyncpg.Connection, given: Iterable[str] | Mapping[str, int]) -> None:
@@ -85,7 +84,7 @@ async def _assert_holds_match(db: asyncpg.Connection, redis: RedisClient, produc
                            f"extra {sorted(set(holds) - set(live))[:5]}, missing {sorted(set(live) - set(holds))[:5]}")
     per_user: dict[str, int] = defaultdict(int)
     for o in orders:
-        if o["status"] != "cancelled":
+        if o["status"] not in RELEASED:
             per_user[o["user_id"]] += o["quantity"]
     counted = {k.decode(): int(v) for k, v in (await redis.hgetall(users_key)).items()}
     assert counted == dict(per_user), f"I2 per-user counts of {product_id} drifted: redis {counted} pg {dict(per_user)}"
@@ -106,10 +105,52 @@ async def _assert_histories(db: asyncpg.Connection) -> None:
                              AND ev.from_status IS DISTINCT FROM ev.prev_to)
               OR NOT EXISTS (SELECT 1 FROM ev WHERE ev.order_id = o.id AND ev.n = ev.events
                                  AND ev.to_status = o.status)
-              OR (SELECT count(*) FROM ev WHERE ev.order_id = o.id AND ev.to_status = 'cancelled') > 1
+              OR (SELECT count(*) FROM ev WHERE ev.order_id = o.id AND ev.to_status IN ('cancelled', 'forfeited')
+                      AND ev.from_status IS DISTINCT FROM ev.to_status) > 1
            LIMIT 5"""
     )
     assert not broken, f"I4/I5 event history broken (created or released twice, or a gap) for {broken}"
+
+
+# I6: what the merchant keeps of an order by the rules, computed from its status and history alone:
+# - deposit plus balance once paid (the price on a full plan; less the deposit's inflation on a deposit plan);
+# - the deposit while awaiting the balance, when forfeited, or when its customer cancelled after paying it and the
+#   product keeps deposits;
+# - nothing otherwise (an admin's cancel, a cancel before any payment, a timeout).
+_KEPT = """
+    CASE
+        WHEN o.status IN ('paid', 'shipped', 'completed') THEN o.deposit_due + o.balance_due
+        WHEN o.status IN ('deposit_paid', 'forfeited') THEN o.deposit_due
+        WHEN o.status = 'cancelled' AND o.cancelled_by = 'customer' AND NOT o.deposit_refundable
+             AND EXISTS (SELECT 1 FROM order_events e WHERE e.order_id = o.id AND e.to_status = 'deposit_paid'
+                         AND e.from_status = 'pending') THEN o.deposit_due
+        ELSE 0
+    END"""
+
+
+async def assert_money(db: asyncpg.Connection) -> None:
+    """I6: for every order, sum(payments) - sum(refunds) is what the merchant keeps by the rules, and the order's
+    own paid/refunded figures agree; every payment has its order and an outcome, and every payment the order
+    could not take has its refund."""
+    wrong = await db.fetch(
+        f"""SELECT o.id, o.status, o.payment_plan, pay.total AS payments, ref.total AS refunds, {_KEPT} AS kept,
+                   o.paid, pay.applied, o.refunded
+            FROM orders o
+            CROSS JOIN LATERAL (SELECT COALESCE(sum(amount), 0) AS total,
+                                       COALESCE(sum(amount) FILTER (WHERE outcome = 'applied'), 0) AS applied
+                                FROM payments p WHERE p.order_id = o.id) pay
+            CROSS JOIN LATERAL (SELECT COALESCE(sum(amount), 0) AS total FROM refunds r WHERE r.order_id = o.id) ref
+            WHERE pay.total - ref.total <> {_KEPT} OR o.paid <> pay.applied OR o.refunded <> ref.total
+            LIMIT 5"""
+    )
+    assert not wrong, f"I6 money: payments - refunds differ from what the rules keep: {[dict(w) for w in wrong]}"
+    lost = await db.fetch(
+        """SELECT p.id, p.reference, p.outcome FROM payments p
+           WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = p.order_id) OR p.outcome IS NULL
+              OR (p.outcome = 'refunded' AND NOT EXISTS (SELECT 1 FROM refunds r WHERE r.payment_id = p.id))
+           LIMIT 5"""
+    )
+    assert not lost, f"I6 payments without their order, outcome or refund: {[dict(r) for r in lost]}"
 
 
 async def assert_events_delivered(db: asyncpg.Connection, sinks: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:

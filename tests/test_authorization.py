@@ -128,7 +128,8 @@ async def test_admin_can_act_on_anyones_order(client, db, redis, alices_order):
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     events = (await client.get(f"/api/preorder/{oid}/events", headers=ADMIN)).json()["items"]
     assert [(e["to_status"], e["actor"]) for e in events] == [
-        ("pending", "U-alice"), ("paid", "admin-1"), ("cancelled", "admin-1")]
+        ("pending", "U-alice"), ("pending", "admin-1"), ("paid", "admin-1"), ("cancelled", "admin-1"),
+        ("cancelled", "admin-1")]  # the payment, the status change, the cancel, its refund
     for_alice = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1,
                                                          "user_id": "U-alice"}, headers=ADMIN)
     assert for_alice.status_code == 201 and for_alice.json()["user_id"] == "U-alice"

@@ -42,12 +42,13 @@ async def test_every_change_writes_an_event_with_the_next_sequence_and_the_order
     shipped = r.json()
     rows = await db.fetch("SELECT event_id, sequence, type, data, relayed_at FROM order_events "
                           "WHERE order_id = $1 ORDER BY sequence", uuid.UUID(order["order_id"]))
-    assert [(r["sequence"], r["type"]) for r in rows] == [(1, "created"), (2, "paid"), (3, "shipped")]
-    assert len({r["event_id"] for r in rows}) == 3
+    assert [(r["sequence"], r["type"]) for r in rows] == [(1, "created"), (2, "payment_recorded"), (3, "paid"),
+                                                               (4, "shipped")]
+    assert len({r["event_id"] for r in rows}) == 4
     assert all(r["relayed_at"] is None for r in rows)  # waiting for the relay
     got = await client.get(f"/api/preorder/{order['order_id']}", headers=CUSTOMER)
-    assert order_data(orjson.loads(rows[2]["data"])) == shipped == got.json()
-    assert order_data(orjson.loads(rows[1]["data"])) == paid
+    assert order_data(orjson.loads(rows[3]["data"])) == shipped == got.json()
+    assert order_data(orjson.loads(rows[2]["data"])) == paid == order_data(orjson.loads(rows[1]["data"]))
     assert order_data(orjson.loads(rows[0]["data"])) == order
 
 
@@ -149,9 +150,9 @@ async def test_the_feed_pages_oldest_first_and_a_customer_sees_only_its_orders(
     await _settled(db)
     first = (await client.get("/api/events?limit=2", headers=ADMIN)).json()
     assert [(e["subject"], e["type"]) for e in first["items"]] == [
-        (mine["order_id"], "preorder.order.created"), (mine["order_id"], "preorder.order.paid")]
+        (mine["order_id"], "preorder.order.created"), (mine["order_id"], "preorder.order.payment_recorded")]
     rest = (await client.get(f"/api/events?after={first['next_cursor']}", headers=ADMIN)).json()
-    assert [e["subject"] for e in rest["items"]] == [theirs["order_id"]]
+    assert [e["subject"] for e in rest["items"]] == [mine["order_id"], theirs["order_id"]]  # paid, then created
     idle = (await client.get(f"/api/events?after={rest['next_cursor']}", headers=ADMIN)).json()
     assert idle == {"items": [], "next_cursor": rest["next_cursor"]}
     own = (await client.get("/api/events", headers=CUSTOMER)).json()["items"]
@@ -179,7 +180,8 @@ async def test_bad_feed_queries_are_400(client: httpx.AsyncClient, query: str) -
 async def test_the_openapi_document_lists_every_event_type_as_a_webhook(client: httpx.AsyncClient) -> None:
     doc = (await client.get("/openapi.json")).json()
     assert set(doc["webhooks"]) == {f"preorder.order.{t}" for t in
-                                    ("created", "paid", "shipped", "completed", "cancelled")}
+                                    ("created", "deposit_paid", "paid", "shipped", "completed", "cancelled",
+                                     "forfeited", "payment_recorded", "refund_created")}
     body = doc["webhooks"]["preorder.order.paid"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].endswith("/OrderEvent")
 

@@ -130,7 +130,7 @@ async def live(servers: tuple[str, str]) -> AsyncIterator[None]:
     """Fresh PostgreSQL and Redis, seeded through a separate app instance; then APP serves schemathesis."""
     settings_ = make_settings(*servers)
     conn = await asyncpg.connect(asyncpg_dsn(settings_.database_url))
-    await conn.execute("TRUNCATE refunds, idempotency_keys, order_events, orders, products")
+    await conn.execute("TRUNCATE refunds, payments, idempotency_keys, order_events, orders, products")
     await conn.close()
     redis = aioredis.Redis.from_url(settings_.redis_url)
     await redis.flushdb()

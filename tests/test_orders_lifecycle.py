@@ -49,9 +49,10 @@ async def test_whole_lifecycle_to_completed_with_one_event_per_change(client, db
     r = await client.put(f"/api/preorder/{oid}", json={"status": "completed"}, headers=U123)
     assert r.status_code == 200 and r.json()["status"] == "completed"
     events = (await client.get(f"/api/preorder/{oid}/events", headers=U123)).json()["items"]
-    assert [(e["from_status"], e["to_status"]) for e in events] == [
-        (None, "pending"), ("pending", "paid"), ("paid", "shipped"), ("shipped", "completed")]
-    assert [e["actor"] for e in events] == ["U123", "U123", "admin-1", "U123"]
+    assert [(e["type"], e["from_status"], e["to_status"]) for e in events] == [
+        ("created", None, "pending"), ("payment_recorded", "pending", "pending"), ("paid", "pending", "paid"),
+        ("shipped", "paid", "shipped"), ("completed", "shipped", "completed")]
+    assert [e["actor"] for e in events] == ["U123", "U123", "U123", "admin-1", "U123"]
     assert all(e["reason"] and e["at"] for e in events)
     product = (await client.get("/api/products/P1001")).json()
     assert product["reserved"] == 2, "shipped and completed stock stays sold"

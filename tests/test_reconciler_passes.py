@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 
 from preorder.ids import new_id
 from preorder.orders import repository as order_repo
+from preorder.status import Status
 from preorder.stock import repository as stock_repo
 from preorder.stock.keys import product_keys
 from preorder.stock.service import Ask
@@ -33,7 +35,15 @@ async def _orders(client, n: int) -> list[uuid.UUID]:
 
 async def _change_without_settling(app, order_id: uuid.UUID, to: str, frm: str = "pending") -> None:
     """What a process killed right after a status change leaves: the row changed, the hold untouched."""
-    change = order_repo.Change(order_id=order_id, frm=frm, to=to, actor="admin-1", reason="test")
+    if to == "paid":  # a payment is recorded with it (I6)
+        row = await app.state.pool.fetchrow("SELECT amount_due, updated_at FROM orders WHERE id = $1", order_id)
+        payment = order_repo.NewPayment(
+            order_id=order_id, kind="full", reference=f"PAY-{order_id}", amount=row["amount_due"], currency="USD",
+            actor="admin-1", frm=Status.PENDING, to=Status.PAID, now=datetime.now(UTC), seen=row["updated_at"],
+            late_ok=False)
+        assert (await order_repo.pay(app.state.pool, payment, reason="test"))["applied"]
+        return
+    change = order_repo.Change(order_id=order_id, frm=Status(frm), to=Status(to), actor="admin-1", reason="test")
     assert await order_repo.transition(app.state.pool, change) is not None
 
 

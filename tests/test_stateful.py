@@ -66,14 +66,14 @@ class Model:
         return None
 
 
-class OrdersMachine(RuleBasedStateMachine):
+class ApiMachine(RuleBasedStateMachine):
+    """A fresh app on the test's PostgreSQL and Redis, driven through its HTTP API on an event loop of its own."""
+
     app_settings: Settings  # set by the test before the machine runs
-    orders = Bundle("orders")
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.model = Model()
         self.stack = contextlib.AsyncExitStack()
         self.run(self._open())
 
@@ -84,7 +84,7 @@ class OrdersMachine(RuleBasedStateMachine):
         s = self.app_settings
         self.db: asyncpg.Connection = await asyncpg.connect(asyncpg_dsn(s.database_url))
         self.stack.push_async_callback(self.db.close)
-        await self.db.execute("TRUNCATE refunds, idempotency_keys, order_events, orders, products")
+        await self.db.execute("TRUNCATE refunds, payments, idempotency_keys, order_events, orders, products")
         self.redis = redis_client(s.redis_url)
         self.stack.push_async_callback(self.redis.aclose)
         await self.redis.flushdb()
@@ -99,6 +99,14 @@ class OrdersMachine(RuleBasedStateMachine):
             self.run(self.stack.aclose())
         finally:
             self.loop.close()
+
+
+class OrdersMachine(ApiMachine):
+    orders = Bundle("orders")
+
+    def __init__(self) -> None:
+        self.model = Model()
+        super().__init__()
 
     @initialize()
     def products(self) -> None:

@@ -109,6 +109,10 @@ class PaymentMismatch(Conflict):
     kind, title = "payment-mismatch", "Payment does not match the amount due"
 
 
+class BalanceWindowNotOpen(Conflict):
+    kind, title = "balance-window-not-open", "The balance window is not open yet"
+
+
 class PaymentReferenceUsed(Conflict):
     kind, title = "payment-reference-used", "Payment reference already used"
 

@@ -8,15 +8,17 @@ import re
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from preorder import metrics
 from preorder.audit.actor import client_address
-from preorder.auth import BEARER_SECURITY, CurrentUser, Principal, bearer_principal
+from preorder.auth import BEARER_SECURITY, Admin, CurrentUser, Principal, bearer_principal
 from preorder.errors import (
     OUTAGES,
     BadRequest,
+    BalanceWindowNotOpen,
+    Conflict,
     DomainError,
     Forbidden,
     IdempotencyInProgress,
@@ -45,6 +47,12 @@ from preorder.orders.schemas import (
     OrderOut,
     OrderPage,
     OrderQuery,
+    PaymentIn,
+    PaymentList,
+    PaymentResult,
+    RefundDone,
+    RefundList,
+    RefundOut,
     StatusChange,
     order_json,
 )
@@ -207,3 +215,64 @@ async def order_events(order: OwnedOrder, orders: OrdersDep) -> EventList:
     **Changes:** nothing. Every status change with who made it, why and when, oldest first."""
     rows = await repo.events(orders.pool, order.order_id)
     return EventList(order_id=order.order_id, items=[EventOut.model_validate(dict(r)) for r in rows])
+
+
+@router.post("/{order_id}/payments", status_code=status.HTTP_201_CREATED, summary="Record a payment",
+             responses={200: {"model": PaymentResult, "description": "A retry: this reference and body were "
+                              "recorded before; the same result"},
+                        **problems(ValidationFailed, MalformedBody, Unauthorized, NotFound, PaymentMismatch,
+                                   BalanceWindowNotOpen, InvalidTransition, PaymentReferenceUsed, PayloadTooLarge,
+                                   Unavailable)})
+async def record_payment(order: OwnedOrder, body: PaymentIn, principal: CurrentUser, orders: OrdersDep,
+                         request: Request, response: Response) -> PaymentResult:
+    """**Who may call:** the order's customer, or an admin.
+
+    **Changes:** records a payment the provider has taken: `deposit` then `balance` on a deposit-plan order,
+    `full` otherwise. The amount must be exactly what that phase is due, in the order's currency (409
+    otherwise, nothing recorded); a balance before the balance window opens is refused (409, with
+    `balance_starts_at`). An applied payment moves the order on (`deposit_paid`, `paid`). A reference is
+    recorded once: the same reference and body answer the same result (200); another body 409. A payment the
+    order can no longer take (cancelled, forfeited, its window passed, already paid) is still recorded with
+    outcome `refunded`, never re-opens the order, and gets a refund in status `pending`. One event per payment,
+    status change and refund. An admin's payment is written to the audit log."""
+    result, replayed = await orders.record_payment(principal, order, body, client=client_address(request))
+    if replayed:
+        response.status_code = status.HTTP_200_OK
+    return result
+
+
+@router.get("/{order_id}/payments", summary="List an order's payments",
+            responses=problems(ValidationFailed, Unauthorized, NotFound, Unavailable))
+async def list_payments(order: OwnedOrder, orders: OrdersDep) -> PaymentList:
+    """**Who may call:** the order's customer or an admin.
+
+    **Changes:** nothing. Every payment recorded for the order, oldest first, with its outcome (`applied` or
+    `refunded`)."""
+    return PaymentList(order_id=order.order_id, items=await orders.payments(order))
+
+
+@router.get("/{order_id}/refunds", summary="List an order's refunds",
+            responses=problems(ValidationFailed, Unauthorized, NotFound, Unavailable))
+async def list_refunds(order: OwnedOrder, orders: OrdersDep) -> RefundList:
+    """**Who may call:** the order's customer or an admin.
+
+    **Changes:** nothing. Every refund the order owes or has paid back, oldest first: `pending` until an admin
+    records the provider's refund reference, then `succeeded`."""
+    return RefundList(order_id=order.order_id, items=await orders.refunds(order))
+
+
+RefundId = Annotated[int, Path(ge=1, le=2**63 - 1, description="refund_id from GET /api/preorder/{id}/refunds")]
+
+
+@router.post("/{order_id}/refunds/{refund_id}/succeeded", summary="Record that a refund was paid back",
+             responses=problems(ValidationFailed, MalformedBody, Unauthorized, Forbidden, NotFound, Conflict,
+                                Unavailable))
+async def refund_succeeded(order_id: uuid.UUID, refund_id: RefundId, body: RefundDone, admin: Admin,
+                           orders: OrdersDep, request: Request) -> RefundOut:
+    """**Who may call:** admins.
+
+    **Changes:** the refund becomes `succeeded` with the provider's refund reference, written to the audit log.
+    A repeat with the same reference answers the same; another reference is a 409."""
+    order = await orders.get(admin, order_id)
+    return await orders.refund_succeeded(admin, order, refund_id, body.provider_reference,
+                                         client=client_address(request))

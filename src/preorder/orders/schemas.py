@@ -10,10 +10,11 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
+from preorder.status import Status
 from preorder.types import Currency, MinorUnits, ProductId, Text, Timestamp, UserId
 
-Status = Literal["pending", "paid", "shipped", "completed", "cancelled"]
 Reference = str
+PaymentKind = Literal["deposit", "balance", "full"]
 
 
 class Payment(BaseModel):
@@ -39,7 +40,7 @@ class StatusChange(BaseModel):
         extra="forbid",
         json_schema_extra={"examples": [{"status": "paid", "payment": {"reference": "PAY-1", "amount": 5998}}]},
     )
-    status: Literal["paid", "shipped", "completed", "cancelled"]
+    status: Literal[Status.PAID, Status.SHIPPED, Status.COMPLETED, Status.CANCELLED]
     payment: Payment | None = Field(default=None, description="required to mark an order paid")
     reason: Text | None = None
 
@@ -74,9 +75,82 @@ class OrderOut(BaseModel):
     currency: str
     payment_reference: str | None
     amount_paid: int | None
-    pay_by: datetime
+    pay_by: datetime = Field(description="pay (the deposit, on a deposit plan) before this, or be cancelled")
     created_at: datetime
     updated_at: datetime
+    # Defaults: events written before deposit plans existed (migration 0007) carry snapshots without these.
+    payment_plan: Literal["full", "deposit"] = "full"
+    deposit_due: int = 0
+    balance_due: int | None = Field(default=None, description="amount_due - deposit credit x quantity")
+    balance_starts_at: datetime | None = None
+    balance_ends_at: datetime | None = Field(default=None, description="pay the balance before this, or forfeit")
+    paid: int = 0
+    refunded: int = 0
+
+
+class PaymentIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"kind": "deposit", "reference": "PAY-D-1", "amount": 20000, "currency": "USD"},
+            {"kind": "balance", "reference": "PAY-B-1", "amount": 70000, "currency": "USD"},
+            {"kind": "full", "reference": "PAY-1", "amount": 5998, "currency": "USD"},
+        ]},
+    )
+    kind: PaymentKind = Field(description="deposit and balance for a deposit-plan order; full otherwise")
+    reference: str = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$",
+                           description="the payment provider's reference; recorded once")
+    amount: MinorUnits
+    currency: Currency
+
+
+class PaymentOut(BaseModel):
+    payment_id: int
+    order_id: uuid.UUID
+    kind: PaymentKind
+    reference: str
+    amount: int
+    currency: str
+    outcome: Literal["applied", "refunded"] = Field(
+        description="applied: it moved the order on; refunded: the order could no longer take it")
+    actor: str
+    created_at: datetime
+
+
+class RefundOut(BaseModel):
+    refund_id: int
+    order_id: uuid.UUID
+    payment_id: int | None
+    amount: int
+    currency: str
+    reason: str
+    status: Literal["pending", "succeeded"]
+    provider_reference: str | None
+    created_at: datetime
+    succeeded_at: datetime | None
+
+
+class PaymentResult(BaseModel):
+    payment: PaymentOut
+    order: OrderOut
+    refunds: list[RefundOut] = Field(description="the refund this payment caused, if the order could not take it")
+
+
+class PaymentList(BaseModel):
+    order_id: uuid.UUID
+    items: list[PaymentOut]
+
+
+class RefundList(BaseModel):
+    order_id: uuid.UUID
+    items: list[RefundOut]
+
+
+class RefundDone(BaseModel):
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"examples": [{"provider_reference": "RF-2026-0001"}]})
+    provider_reference: str = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$",
+                                    description="the payment provider's reference for the refund it made")
 
 
 class OrderPage(BaseModel):
@@ -85,6 +159,7 @@ class OrderPage(BaseModel):
 
 
 class EventOut(BaseModel):
+    type: str = Field(description="created, a status (paid, forfeited...), payment_recorded or refund_created")
     from_status: Status | None
     to_status: Status
     actor: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -18,9 +19,13 @@ from preorder.audit import repository as audit
 from preorder.audit.actor import Actor
 from preorder.auth import Principal
 from preorder.cache import RedisClient
+from preorder.clock import Clock
 from preorder.db import PgConn, PgPool
 from preorder.errors import (
     BadRequest,
+    BalanceWindowNotOpen,
+    Conflict,
+    DomainError,
     Forbidden,
     IdempotencyInProgress,
     IdempotencyMismatch,
@@ -34,9 +39,19 @@ from preorder.ids import new_id
 from preorder.orders import machine
 from preorder.orders import repository as repo
 from preorder.orders.group_commit import GroupCommit
-from preorder.orders.schemas import OrderCreate, OrderOut, Payment, StatusChange
+from preorder.orders.schemas import (
+    OrderCreate,
+    OrderOut,
+    Payment,
+    PaymentIn,
+    PaymentOut,
+    PaymentResult,
+    RefundOut,
+    StatusChange,
+)
 from preorder.products import repository as products_repo
 from preorder.settings import Settings
+from preorder.status import CLOSED, Status
 from preorder.stock.customers import Admission
 from preorder.stock.keys import idempotency_marker
 from preorder.stock.service import Ask, Reservation, Stock
@@ -58,8 +73,10 @@ def owner_filter(principal: Principal) -> str | None:
 
 
 class Orders:
-    def __init__(self, *, pool: PgPool, redis: RedisClient, stock: Stock, settings: Settings) -> None:
+    def __init__(self, *, pool: PgPool, redis: RedisClient, stock: Stock, settings: Settings,
+                 clock: Clock | None = None) -> None:
         self.pool, self.redis, self.stock, self.settings = pool, redis, stock, settings
+        self.clock = clock or Clock()
         # Few batches in flight, so each is large: every batch takes a FOR KEY SHARE lock on its products' rows,
         # and on a hot product concurrent ones turn into MultiXact work in PostgreSQL (measured, README).
         self._group = GroupCommit(self._insert_many, max_inflight=min(settings.order_write_batches,
@@ -75,7 +92,7 @@ class Orders:
         if body.quantity > self.settings.max_quantity:
             raise BadRequest(f"quantity must be at most {self.settings.max_quantity}")
         if idem_key is None:
-            return await self._create(user_id, body, client, None, None), False
+            return await self._create(principal, user_id, body, client, None, None), False
         fingerprint = hashlib.sha256(orjson.dumps(body.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
         replay = await self._replay(user_id, idem_key, fingerprint)
         if replay is not None:
@@ -85,7 +102,7 @@ class Orders:
         if not await self.redis.set(marker, fingerprint, nx=True, px=int(self.settings.write_deadline_s * 2000)):
             raise IdempotencyInProgress("Retry once the first request has finished")
         try:
-            return await self._create(user_id, body, client, idem_key, fingerprint), False
+            return await self._create(principal, user_id, body, client, idem_key, fingerprint), False
         except asyncpg.UniqueViolationError:
             # Another request with this key committed first (its marker was lost with Redis): replay it.
             replay = await self._replay(user_id, idem_key, fingerprint)
@@ -114,7 +131,8 @@ class Orders:
         return to_out(row)
 
     async def _create(
-        self, user_id: str, body: OrderCreate, client: str, key: str | None, fingerprint: str | None
+        self, principal: Principal, user_id: str, body: OrderCreate, client: str, key: str | None,
+        fingerprint: str | None,
     ) -> OrderOut:
         self.stock.refuse_from_memory(body.product_id)  # most of a flash sale: answered before any other work
         if body.payment is not None:
@@ -125,7 +143,8 @@ class Orders:
         held, admission = await self._reserve(ask)
         new = repo.NewOrder(
             order_id=order_id, product_id=body.product_id, user_id=user_id, quantity=body.quantity,
-            epoch=held.epoch, deadline=self._deadline(held), idempotency_key=key, fingerprint=fingerprint,
+            epoch=held.epoch, deadline=self._deadline(held), now=self.clock.now(), idempotency_key=key,
+            fingerprint=fingerprint,
             idempotency_ttl_s=self.settings.idempotency_ttl_s,
         )
         try:
@@ -136,7 +155,7 @@ class Orders:
         metrics.ORDERS_CREATED.inc()
         order = to_out(row)
         if body.payment is not None:
-            order = await self._pay_at_once(order, body.payment, user_id)
+            order = await self._pay_at_once(order, body.payment, principal)
         return order
 
     async def _reserve(self, ask: Ask) -> tuple[Reservation, Admission]:
@@ -213,14 +232,23 @@ class Orders:
         product = await products_repo.get(self.pool, product_id)
         if product is None:
             raise NotFound(f"Unknown product {product_id}")
-        _match(payment, amount_due=product["price_amount"] * quantity, currency=product["currency"])
+        # A deposit-plan order paid at creation pays its deposit.
+        per_unit = product["deposit_amount"] if product["payment_plan"] == "deposit" else product["price_amount"]
+        _match(payment, amount_due=per_unit * quantity, currency=product["currency"])
 
-    async def _pay_at_once(self, order: OrderOut, payment: Payment, user_id: str) -> OrderOut:
-        actor = Principal(sub=user_id, role="customer")
+    async def _pay_at_once(self, order: OrderOut, payment: Payment, principal: Principal) -> OrderOut:
+        """The payment sent with the create, recorded as made by whoever created the order (customer or admin).
+        Refused by the rules (its reference already used): the new order is cancelled and the refusal answered.
+        Any other failure (the store unreachable) is raised as it is: the order stays pending, and if the
+        payment was not recorded, the sweeper cancels it at its deadline."""
+        kind = "deposit" if order.payment_plan == "deposit" else "full"
+        body = PaymentIn(kind=kind, reference=payment.reference, amount=payment.amount,
+                         currency=payment.currency or order.currency)
         try:
-            return await self.change_status(actor, order, StatusChange(status="paid", payment=payment))
-        except Exception:
-            await self.change_status(actor, order, StatusChange(status="cancelled", reason="payment_refused"))
+            return (await self._apply(principal, order, body, late_ok=False)).order
+        except DomainError:
+            await self.change_status(principal, order, StatusChange(status=Status.CANCELLED,
+                                                                    reason="payment_refused"))
             raise
 
     # ---- status machine -------------------------------------------------------------------------------
@@ -242,69 +270,192 @@ class Orders:
                                     current=order.status)
         if not machine.may(principal, rule):
             raise Forbidden(f"Only an admin may mark an order {change.status}")
+        if change.status == Status.PAID:
+            return await self._put_paid(principal, order, change, client=client)
         row = await self._transition(principal, order, change, client=client)
-        if row is None:  # lost a race, or the payment window closed: say which
+        if row is None:  # lost a race: say to what
             current = await self.get(principal, order.order_id)
-            if current.status == order.status == "pending" and change.status == "paid":
-                raise InvalidTransition("The payment window has closed", current="pending")
             raise InvalidTransition(f"The order is {current.status} now", current=current.status)
         metrics.status_changed(order.status, change.status).inc()
-        # The change is committed: the Redis steps after it are best effort (the reconciler settles a hold, the
-        # unpaid recount a customer's count, when one fails here).
-        if order.status == "pending":  # no longer unpaid: its units leave the customer's unpaid count
+        await self._left(order, rule)
+        return to_out(row)
+
+    async def _left(self, order: OrderOut, rule: machine.Rule) -> None:
+        """After the order left its status: the customer's unpaid count, and the stock its rule says. The change
+        is committed: these Redis steps are best effort (the reconciler settles a hold, the unpaid recount a
+        customer's count, when one fails here)."""
+        if order.status == Status.PENDING:  # no longer unpaid: its units leave the customer's unpaid count
             await _best_effort("unpaid", self.stock.customers.give_back(order.user_id, order.quantity))
         if rule.stock == "release":
             await _best_effort("release", self.stock.release(order.product_id, order.order_id))
         elif rule.stock == "drop":
             await _best_effort("drop", self.stock.drop(order.product_id, order.order_id))
-        return to_out(row)
 
     async def _transition(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
                           ) -> asyncpg.Record | None:
-        paid = _check_payment(order, change) if change.status == "paid" else None
+        cancel = change.status == Status.CANCELLED
         record = repo.Change(
-            order_id=order.order_id, frm=order.status, to=change.status, actor=principal.sub,
+            order_id=order.order_id, frm=Status(order.status), to=change.status, actor=principal.sub,
             reason=change.reason or _DEFAULT_REASON[change.status],
-            payment_reference=paid.reference if paid else None, amount_paid=paid.amount if paid else None,
+            cancelled_by=("admin" if principal.is_admin else "customer") if cancel else None,
         )
+        if not principal.is_admin:
+            return await repo.transition(self.pool, record)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await repo.transition(conn, record)
+            if row is not None:
+                await audit.record(conn, Actor(principal, client).did(
+                    f"order.{change.status}", str(order.order_id), before={"status": order.status},
+                    after={"status": change.status, "reason": record.reason, "refunded": row["refunded"]}))
+            return row
+
+    async def _put_paid(self, principal: Principal, order: OrderOut, change: StatusChange, *, client: str
+                        ) -> OrderOut:
+        """PUT {status: paid, payment}: a full payment of a full-plan order, refused (409) once its window closed."""
+        if order.payment_plan == "deposit":
+            raise InvalidTransition("A deposit-plan order is paid through POST /api/preorder/{id}/payments",
+                                    current=order.status)
+        payment = change.payment
+        if payment is None:
+            raise BadRequest("Marking an order paid needs payment.reference and payment.amount")
+        body = PaymentIn(kind="full", reference=payment.reference, amount=payment.amount,
+                         currency=payment.currency or order.currency)
+        return (await self._apply(principal, order, body, late_ok=False, client=client)).order
+
+    # ---- payments and refunds -------------------------------------------------------------------------
+
+    async def record_payment(
+        self, principal: Principal, order: OrderOut, body: PaymentIn, *, client: str = "service"
+    ) -> tuple[PaymentResult, bool]:
+        """POST /payments: returns the result and whether it is a replay of the same reference and body."""
+        known = await repo.payment_by_reference(self.pool, body.reference)
+        if known is not None:
+            return await self._replayed(principal, known, order, body), True
+        return await self._apply(principal, order, body, late_ok=True, client=client), False
+
+    async def _replayed(self, principal: Principal, known: asyncpg.Record, order: OrderOut,
+                        body: PaymentIn) -> PaymentResult:
+        same = (known["order_id"], known["kind"], known["amount"], known["currency"]) == (
+            order.order_id, body.kind, body.amount, body.currency)
+        if not same:
+            raise PaymentReferenceUsed("This payment reference was recorded with another order or body")
+        return await self._result(principal, known)
+
+    async def _result(self, principal: Principal, payment: asyncpg.Record) -> PaymentResult:
+        refunds = await repo.refunds(self.pool, payment["order_id"], payment_id=payment["payment_id"])
+        return PaymentResult(payment=PaymentOut(**dict(payment)),
+                             order=await self.get(principal, payment["order_id"]),
+                             refunds=[RefundOut(**dict(r)) for r in refunds])
+
+    async def _apply(self, principal: Principal, order: OrderOut, body: PaymentIn, *, late_ok: bool,
+                     client: str = "service") -> PaymentResult:
+        """Apply the payment, or (late_ok) record it with a refund when the order can no longer take it. A race
+        lost to another change of the order is retried against the order as it is now."""
+        frm, to = _phase(order, body)
+        _match(body, amount_due=_due(order, body.kind), currency=order.currency)
+        for _ in range(5):
+            now = self.clock.now()
+            _check_open(order, body, now=now, late_ok=late_ok)
+            new = repo.NewPayment(
+                order_id=order.order_id, kind=body.kind, reference=body.reference, amount=body.amount,
+                currency=body.currency, actor=principal.sub, frm=frm, to=to, now=now, seen=order.updated_at,
+                late_ok=late_ok)
+            row = await self._pay(principal, new, client=client)
+            if row["applied"]:
+                metrics.status_changed(frm, to).inc()
+            if row["applied"] and frm == Status.PENDING:  # no longer unpaid: leaves the customer's unpaid count
+                await _best_effort("unpaid", self.stock.customers.give_back(order.user_id, order.quantity))
+            if row["payment_id"] is not None:
+                payment = await repo.payment_by_reference(self.pool, body.reference)
+                assert payment is not None
+                return await self._result(principal, payment)
+            current = await self.get(principal, order.order_id)
+            if not late_ok:
+                if current.status == order.status == Status.PENDING:
+                    raise InvalidTransition("The payment window has closed", current=Status.PENDING)
+                raise InvalidTransition(f"The order is {current.status} now", current=current.status)
+            order = current
+        raise Unavailable("The order kept changing while the payment was recorded; retry")
+
+    async def _pay(self, principal: Principal, new: repo.NewPayment, *, client: str) -> asyncpg.Record:
+        """One statement; an admin's payment is written to the audit log in the same transaction."""
         try:
             if not principal.is_admin:
-                return await repo.transition(self.pool, record)
+                return await repo.pay(self.pool, new, reason=_DEFAULT_REASON[new.to])
             async with self.pool.acquire() as conn, conn.transaction():
-                row = await repo.transition(conn, record)
-                if row is not None:
+                row = await repo.pay(conn, new, reason=_DEFAULT_REASON[new.to])
+                if row["payment_id"] is not None:
                     await audit.record(conn, Actor(principal, client).did(
-                        f"order.{change.status}", str(order.order_id), before={"status": order.status},
-                        after={"status": change.status, "reason": record.reason, "refund": order.status == "paid"
-                               and change.status == "cancelled"}))
+                        "order.payment", str(new.order_id), after={
+                            "kind": new.kind, "reference": new.reference, "amount": new.amount,
+                            "outcome": "applied" if row["applied"] else "refunded"}))
                 return row
         except asyncpg.UniqueViolationError:
             raise PaymentReferenceUsed("This payment reference has already paid an order") from None
 
+    async def payments(self, order: OrderOut) -> list[PaymentOut]:
+        return [PaymentOut(**dict(r)) for r in await repo.payments(self.pool, order.order_id)]
+
+    async def refunds(self, order: OrderOut) -> list[RefundOut]:
+        return [RefundOut(**dict(r)) for r in await repo.refunds(self.pool, order.order_id)]
+
+    async def refund_succeeded(self, admin: Principal, order: OrderOut, refund_id: int, provider_reference: str, *,
+                               client: str = "service") -> RefundOut:
+        """Admin: the provider has paid the refund back. Once (written to the audit log in the same transaction);
+        a repeat with the same reference answers the same."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await repo.refund_succeeded(conn, refund_id, order.order_id, provider_reference=provider_reference)
+            if row is not None:
+                await audit.record(conn, Actor(admin, client).did(
+                    "order.refund_succeeded", str(order.order_id), before={"refund_id": refund_id, "status": "pending"},
+                    after={"status": "succeeded", "provider_reference": provider_reference, "amount": row["amount"]}))
+        if row is None:
+            row = await repo.refund(self.pool, refund_id)
+            if row is None or row["order_id"] != order.order_id:
+                raise NotFound(f"No refund {refund_id} for order {order.order_id}")
+            if row["provider_reference"] != provider_reference:
+                raise Conflict(f"Refund {refund_id} already succeeded with another provider reference",
+                               provider_reference=row["provider_reference"])
+        return RefundOut(**dict(row))
+
     async def cancel(self, principal: Principal, order: OrderOut, reason: str | None, *, client: str = "service"
                      ) -> OrderOut:
         """DELETE: cancelling a cancelled order answers the same and releases nothing."""
-        if order.status == "cancelled":
+        if order.status == Status.CANCELLED:
             return order
         try:
-            return await self.change_status(principal, order, StatusChange(status="cancelled", reason=reason),
+            return await self.change_status(principal, order, StatusChange(status=Status.CANCELLED, reason=reason),
                                             client=client)
         except InvalidTransition as lost:
             # The sweeper or another DELETE cancelled it first (and released it): the same answer as a repeat.
-            if lost.extra.get("current") != "cancelled":
+            if lost.extra.get("current") != Status.CANCELLED:
                 raise
             return await self.get(principal, order.order_id)
 
     async def expire_due(self, *, limit: int = 500) -> int:
         """Cancel unpaid orders past their window (safe to run in every process at once)."""
-        rows = await repo.expire_due(self.pool, limit=limit)
+        rows = await repo.expire_due(self.pool, limit=limit, now=self.clock.now())
         if rows:
             metrics.status_changed("pending", "cancelled").inc(len(rows))
             metrics.SWEEPER_EXPIRED.inc(len(rows))
         for r in rows:  # a failure stops the round: with Redis down, the rest would each wait for its timeout
             await self.stock.customers.give_back(r["user_id"], r["quantity"])
-            await self.stock.release(r["product_id"], r["id"])
+        await self._release_all(rows)
         return len(rows)
+
+    async def forfeit_due(self, *, limit: int = 1000) -> int:
+        """Forfeit deposit-paid orders whose balance window closed (safe to run in every process at once).
+        A crash between the statement and the releases leaves holds the reconciler settles (forfeited orders
+        are in its index of settled orders)."""
+        rows = await repo.forfeit_due(self.pool, limit=limit, now=self.clock.now())
+        if rows:
+            metrics.status_changed(Status.DEPOSIT_PAID, Status.FORFEITED).inc(len(rows))
+        await self._release_all(rows)
+        return len(rows)
+
+    async def _release_all(self, rows: list[asyncpg.Record]) -> None:
+        # Concurrently: the stock service batches concurrent script calls per product into one round trip.
+        await asyncio.gather(*(self.stock.release(r["product_id"], r["id"]) for r in rows))
 
     async def drain(self) -> None:
         """Shutdown: write every order row still queued for group commit."""
@@ -337,19 +488,45 @@ async def _give_back(pool: PgPool, conn: PoolConnectionProxy[Any]) -> None:
         await pool.release(conn)
 
 
-_DEFAULT_REASON = {"paid": "payment_confirmed", "shipped": "shipped", "completed": "completed",
-                   "cancelled": "cancelled_by_request"}
+_DEFAULT_REASON = {Status.PAID: "payment_confirmed", Status.DEPOSIT_PAID: "deposit_confirmed",
+                   Status.SHIPPED: "shipped", Status.COMPLETED: "completed", Status.CANCELLED: "cancelled_by_request"}
+# The status a payment of each kind moves an order from, and to.
+_PHASES = {"full": (Status.PENDING, Status.PAID), "deposit": (Status.PENDING, Status.DEPOSIT_PAID),
+           "balance": (Status.DEPOSIT_PAID, Status.PAID)}
 
 
-def _check_payment(order: OrderOut, change: StatusChange) -> Payment:
-    payment = change.payment
-    if payment is None:
-        raise BadRequest("Marking an order paid needs payment.reference and payment.amount")
-    _match(payment, amount_due=order.amount_due, currency=order.currency)
-    return payment
+def _phase(order: OrderOut, body: PaymentIn) -> tuple[Status, Status]:
+    takes = ("full",) if order.payment_plan == "full" else ("deposit", "balance")
+    if body.kind not in takes:
+        raise InvalidTransition(f"A {order.payment_plan}-plan order takes {' and '.join(takes)} payments",
+                                current=order.status)
+    return _PHASES[body.kind]
 
 
-def _match(payment: Payment, *, amount_due: int, currency: str) -> None:
+def _due(order: OrderOut, kind: str) -> int:
+    if kind == "deposit":
+        return order.deposit_due
+    if kind == "balance":
+        assert order.balance_due is not None
+        return order.balance_due
+    return order.amount_due
+
+
+def _check_open(order: OrderOut, body: PaymentIn, *, now: datetime, late_ok: bool) -> None:
+    """Refusals that record nothing: a balance before its window opens, or before the deposit. A payment for an
+    order that can no longer take it (closed, expired, already paid) is not refused here: it is recorded and
+    refunded (late_ok), or refused by the conditional write."""
+    if body.kind != "balance" or order.status in CLOSED:
+        return
+    assert order.balance_starts_at is not None
+    if now < order.balance_starts_at:
+        raise BalanceWindowNotOpen(f"The balance can be paid from {order.balance_starts_at.isoformat()}",
+                                   balance_starts_at=order.balance_starts_at.isoformat())
+    if order.status == Status.PENDING and late_ok:
+        raise InvalidTransition("Pay the deposit before the balance", current=order.status)
+
+
+def _match(payment: Payment | PaymentIn, *, amount_due: int, currency: str) -> None:
     if payment.amount != amount_due or (payment.currency and payment.currency != currency):
         raise PaymentMismatch(f"Payment must be exactly {amount_due} {currency}",
                               amount_due=amount_due, currency=currency)

@@ -10,7 +10,8 @@ from preorder.db import PgConn, PgPool
 
 _COLUMNS = (
     "id, name, price_amount, currency, total_stock, starts_at, ends_at, ships_at, per_user_limit, "
-    "payment_window_seconds, created_at, updated_at"
+    "payment_window_seconds, payment_plan, deposit_amount, deposit_credit, deposit_window_seconds, "
+    "balance_starts_at, balance_ends_at, deposit_refundable, created_at, updated_at"
 )
 PATCHABLE = (
     "name", "price_amount", "currency", "total_stock", "starts_at", "ends_at", "ships_at",

@@ -22,8 +22,11 @@ def _out(row: asyncpg.Record, levels: Levels) -> ProductOut:
 
 
 async def create(pool: PgPool, stock: Stock, body: ProductCreate, *, by: Actor) -> ProductOut:
+    fields = body.model_dump()
+    for name in ("deposit_amount", "deposit_credit"):  # a full plan has neither: stored as 0
+        fields[name] = fields[name] or 0
     async with pool.acquire() as conn, conn.transaction():
-        row = await repo.insert(conn, body.model_dump())
+        row = await repo.insert(conn, fields)
         if row is None:
             raise Conflict(f"Product {body.id} already exists")
         await audit.record(conn, by.did("product.create", body.id, after=dict(row)))
@@ -59,6 +62,7 @@ async def patch(pool: PgPool, stock: Stock, product_id: str, body: ProductPatch,
                                         after=dict(updated[0])))
 
     # Counters, window and limit live in Redis too: change and rebuild them under one new epoch.
+    # A change that breaks the stored payment plan (a price at or below the deposit) fails its CHECK: 409.
     await stock.rebuild(product_id, apply=apply)
     return _out(updated[0], await stock.levels(product_id))
 

@@ -9,6 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from preorder.db import PgConn, PgPool
+from preorder.status import DROPPED, RELEASED, sql_list
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +19,8 @@ class Snapshot:
     starts_at: datetime | None
     ends_at: datetime | None
     per_user_limit: int | None
-    live: list[asyncpg.Record]  # non-cancelled orders: id, user_id, quantity, status, created_at
+    # orders holding stock (not cancelled or forfeited): id, user_id, quantity, status, created_at
+    live: list[asyncpg.Record]
 
 
 async def lock_product(conn: PgConn, product_id: str) -> asyncpg.Record | None:
@@ -36,7 +38,7 @@ async def bump_epoch_and_snapshot(conn: PgConn, product_id: str) -> Snapshot:
     assert p is not None
     live = await conn.fetch(
         """SELECT id, user_id, quantity, status, created_at FROM orders
-           WHERE product_id = $1 AND status <> 'cancelled'""",
+           WHERE product_id = $1 AND order_holds_stock(status)""",
         product_id,
     )
     return Snapshot(p["stock_epoch"], p["total_stock"], p["starts_at"], p["ends_at"], p["per_user_limit"], live)
@@ -66,14 +68,15 @@ async def database_now(pool: PgPool) -> datetime:
     return now
 
 
-_SETTLED = "('cancelled', 'shipped', 'completed')"  # the orders_settled_idx predicate (migration 0002)
+_SETTLED = sql_list(RELEASED + DROPPED)  # the orders_settled_idx predicate (migrations 0002, 0007)
 _FIRST = uuid.UUID(int=0)
 
 
 async def settled_since(
     pool: PgPool, since: datetime, *, after: tuple[datetime, uuid.UUID] | None, limit: int = 1000
 ) -> list[asyncpg.Record]:
-    """Orders cancelled, shipped or completed since then, in (updated_at, id) order, the page after `after`."""
+    """Orders cancelled, forfeited, shipped or completed since then, in (updated_at, id) order, the page
+    after `after`."""
     at, order_id = after or (since, _FIRST)
     return await pool.fetch(
         f"""SELECT id, product_id, status, updated_at FROM orders

@@ -30,6 +30,7 @@ from preorder.errors import (
     Unavailable,
     UserLimitReached,
 )
+from preorder.status import LIVE
 from preorder.stock import repository as repo
 from preorder.stock.batching import ScriptBatcher
 from preorder.stock.customers import CustomerLimits, CustomerRules
@@ -37,7 +38,6 @@ from preorder.stock.keys import product_keys
 from preorder.stock.scripts import script_text
 
 log = logging.getLogger("preorder.stock")
-LIVE = ("pending", "paid")  # statuses whose stock is held and can still come back
 _script = script_text
 
 

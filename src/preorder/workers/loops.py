@@ -22,6 +22,9 @@ async def run_once(orders: Orders, reconciler: Reconciler | None, watch: RedisWa
     metrics.SWEEPER_RUNS.inc()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
+    forfeited = await orders.forfeit_due()
+    if forfeited:
+        log.info("forfeited %d deposit-paid orders past their balance window", forfeited)
     if reconciler is not None:
         settled = await reconciler.run()
         _count(settled)

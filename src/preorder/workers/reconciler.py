@@ -23,6 +23,7 @@ from typing import Any
 
 from preorder import metrics
 from preorder.cache import clock_ms
+from preorder.status import DROPPED, RELEASED
 from preorder.stock import repository as stock_repo
 from preorder.stock.keys import product_keys
 from preorder.stock.service import Stock
@@ -81,7 +82,7 @@ async def settle_changed(stock: Stock, *, since: datetime) -> Settled:
             by_product[r["product_id"]][r["id"]] = r["status"]
         for product_id, statuses in by_product.items():
             for order_id in await stock.holding(product_id, list(statuses)):
-                if statuses[order_id] == "cancelled":
+                if statuses[order_id] in RELEASED:
                     done.released += await _count(stock.release(product_id, order_id))
                 else:
                     done.dropped += await _count(stock.drop(product_id, order_id))
@@ -99,9 +100,9 @@ async def _settle_page(
             done.young_unwritten += 1  # its write may still be running
         elif status is None:
             done.orphans += await _count(stock.release(product_id, order_id))
-        elif status == "cancelled":
+        elif status in RELEASED:
             done.released += await _count(stock.release(product_id, order_id))
-        elif status in ("shipped", "completed"):
+        elif status in DROPPED:
             done.dropped += await _count(stock.drop(product_id, order_id))
 
 
