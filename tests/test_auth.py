@@ -106,6 +106,11 @@ def protected_calls(order_id: str) -> list[tuple[str, str, dict[str, Any] | None
         ("PUT", f"/api/preorder/{order_id}", {"status": "cancelled"}),
         ("DELETE", f"/api/preorder/{order_id}", None),
         ("GET", f"/api/preorder/{order_id}/events", None),
+        ("POST", f"/api/preorder/{order_id}/payments",
+         {"kind": "full", "reference": "PAY-AUTH", "amount": 2999, "currency": "USD"}),
+        ("GET", f"/api/preorder/{order_id}/payments", None),
+        ("GET", f"/api/preorder/{order_id}/refunds", None),
+        ("POST", f"/api/preorder/{order_id}/refunds/7/succeeded", {"provider_reference": "RF-AUTH"}),
         ("POST", "/api/products", {"id": "P2002", "name": "New", "price_amount": 100, "total_stock": 5}),
         ("PATCH", "/api/products/P1001", {"total_stock": 1}),
         ("POST", "/api/webhooks", {"url": "http://127.0.0.1:9/hook"}),
@@ -165,7 +170,8 @@ async def test_the_matrix_covers_every_protected_operation(client):
     doc = (await client.get("/openapi.json")).json()
     protected = {(m.upper(), p) for p, ops in doc["paths"].items() for m, op in ops.items() if op.get("security")}
     covered = {(m, p.replace("OID", "{order_id}").replace("P1001", "{product_id}")
-                .replace(WID, "{endpoint_id}").replace("/1/", "/{delivery_id}/"))
+                .replace(WID, "{endpoint_id}").replace("/1/", "/{delivery_id}/")
+                    .replace("/7/", "/{refund_id}/"))
                for m, p, _ in protected_calls("OID")}
     assert covered == protected
     public = {(m.upper(), p) for p, ops in doc["paths"].items() for m, op in ops.items()
@@ -188,7 +194,7 @@ async def test_public_product_reads_need_no_token(client, order_id):
 
 async def test_a_good_token_is_accepted_on_every_protected_route(client, order_id):
     # The control for the matrix above: the same calls with a valid admin token succeed.
-    expected = [201, 200, 200, 200, 200, 200, 201, 200, 201, 200, 404, 404, 404, 404, 404, 200, 200]
+    expected = [201, 200, 200, 200, 200, 200, 409, 200, 200, 404, 201, 200, 201, 200, 404, 404, 404, 404, 404, 200, 200]
     got = [(await call(client, m, u, b, ADMIN["Authorization"])).status_code for m, u, b in protected_calls(order_id)]
     assert got == expected
 
