@@ -45,7 +45,8 @@ async def endpoint(client: httpx.AsyncClient, receiver: Receiver, name: str, **b
 
 
 async def orders_with_history(client: httpx.AsyncClient, count: int, *, batch: str = "") -> list[str]:
-    """`count` orders; every other one paid, every third cancelled: 1 to 3 events each."""
+    """`count` orders; every other one paid, every third cancelled: 1 to 5 events each (created; the payment and
+    paid; cancelled and the refund of what was paid)."""
     ids = []
     for i in range(count):
         user = bearer(f"U{i}")
@@ -99,7 +100,7 @@ async def test_a_failing_endpoint_is_retried_while_later_events_of_the_order_wai
     async with serving(relay_settings(settings)) as client:
         await make_product(client)
         hook = await endpoint(client, receiver, "h")
-        await orders_with_history(client, 1)  # created, paid, cancelled
+        await orders_with_history(client, 1)  # created, payment, paid, cancelled, refund
 
         async def retried() -> list[dict[str, Any]]:
             got = await deliveries(client, hook["id"])
@@ -117,7 +118,7 @@ async def test_a_failing_endpoint_is_retried_while_later_events_of_the_order_wai
             await assert_events_delivered(db, {"h": receiver.events("h")})
 
         await eventually(delivered, within=20)
-        assert [e["sequence"] for e in receiver.events("h")] == [1, 2, 3]
+        assert [e["sequence"] for e in receiver.events("h")] == [1, 2, 3, 4, 5]
 
 
 async def test_a_receiver_that_hangs_is_timed_out_and_retried(
@@ -194,7 +195,7 @@ async def test_a_paused_endpoint_queues_its_events_until_resumed(
 
         async def queued() -> None:
             got = await deliveries(client, hook["id"])
-            assert len(got) == 4 and {d["status"] for d in got} == {"pending"}, got
+            assert len(got) == 6 and {d["status"] for d in got} == {"pending"}, got
 
         await eventually(queued, within=20)
         assert receiver.attempts == 0
@@ -241,7 +242,7 @@ async def test_finished_deliveries_are_purged_after_the_retention_but_the_histor
             assert await db.fetchval("SELECT count(*) FROM event_deliveries") == 0
 
         await eventually(purged, within=20)
-        assert await db.fetchval("SELECT count(*) FROM order_events") == 4
+        assert await db.fetchval("SELECT count(*) FROM order_events") == 6
 
 
 async def test_two_relays_deliver_each_event_once_in_order(
