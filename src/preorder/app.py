@@ -24,6 +24,7 @@ from preorder.events.router import router as events_router
 from preorder.events.service import Events
 from preorder.middleware import BodyLimit
 from preorder.observe import Observe
+from preorder.orders.hot import HotCreate
 from preorder.orders.router import router as orders_router
 from preorder.orders.service import Orders
 from preorder.products.router import router as products_router
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.register(app)
     _map_outages(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HotCreate, service=app, max_bytes=settings.max_body_bytes)
     # Outermost: it times every answer and gives it its request id.
     app.add_middleware(Observe, access_log=settings.access_log, log_format=settings.log_format)
     app.include_router(orders_router)
@@ -140,14 +142,7 @@ def _trace(app: FastAPI) -> Any:
 
 def _map_outages(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        # The exception (with hosts and ports) goes to the log; the client gets no internals. Its repr, not its
-        # traceback: an outage makes many of these at once, and formatting tracebacks then costs the CPU the
-        # requests still being served need (measured: the PostgreSQL-outage fault test's slowest answer grew).
-        log.warning("dependency unavailable on %s %s: %r", request.method, request.url.path, exc)
-        response = errors.problem(503, "unavailable", "Service unavailable",
-                                  "A dependency is not answering; retry shortly")
-        response.headers["Retry-After"] = "1"
-        return response
+        return errors.unavailable(request.method, request.url.path, exc)
 
     for exc_type in errors.OUTAGES:
         app.add_exception_handler(exc_type, unavailable)

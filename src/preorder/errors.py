@@ -231,6 +231,17 @@ async def _constraint(_: Request, exc: Exception) -> JSONResponse:
     return problem(409, ConstraintViolated.kind, ConstraintViolated.title, detail)
 
 
+def unavailable(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """A dependency (PostgreSQL, Redis) did not answer: 503 with Retry-After. The exception (with hosts and ports)
+    goes to the log, its repr, not its traceback: an outage makes many of these at once, and formatting
+    tracebacks then costs the CPU the requests still being served need (measured: the PostgreSQL-outage fault
+    test's slowest answer grew). The client gets no internals."""
+    log.warning("dependency unavailable on %s %s: %r", method, path, exc)
+    response = problem(503, "unavailable", "Service unavailable", "A dependency is not answering; retry shortly")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def unexpected(method: str, path: str, exc: BaseException) -> JSONResponse:
     """Any error no handler knows: logged with its exception (and the request id), answered as a plain 500."""
     log.error("unhandled error on %s %s", method, path, exc_info=exc)
