@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from preorder import metrics
 from preorder.cache import RedisClient
@@ -96,7 +98,7 @@ class ScriptBatcher:
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         results = await self._pipeline(batch)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        missing = [i for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
         if missing:  # the script cache was flushed: load them, then run again only the calls that did not run
             for script in {batch[i].script.sha: batch[i].script for i in missing}.values():
                 await self._redis.script_load(script.script)  # on a cluster: on every primary
@@ -105,13 +107,46 @@ class ScriptBatcher:
         return results
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        if not isinstance(self._redis, RedisCluster):
+            return await self._direct(self._redis, batch)
         if len(batch) == 1:  # the hot product alone: no pipeline object needed
             call = batch[0]
             try:
                 return [await self._redis.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)]
-            except NoScriptError as exc:
+            except rx.NoScriptError as exc:
                 return [exc]
+        return await self._client_pipeline(batch)
+
+    async def _client_pipeline(self, batch: list[_Call]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for call in batch:
             pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _direct(self, redis: Redis, batch: list[_Call]) -> list[Any]:
+        """The calls written at once on one pooled connection and their replies read in order: what redis-py's
+        pipeline does, without its per-command bookkeeping (measured: about half its CPU on the create path).
+        A connection found broken while writing ran nothing, so the batch goes again through redis-py's
+        retrying pipeline; a failure while reading is the callers' 503 (holds it may have made are orphans the
+        reconciler releases, as for a process that died between reserve and write)."""
+        pool = redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            try:
+                await conn.send_packed_command(conn.pack_commands(
+                    [("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args) for call in batch]))
+            except (rx.ConnectionError, rx.TimeoutError):
+                await conn.disconnect()
+                return await self._client_pipeline(batch)
+            results: list[Any] = []
+            for _ in batch:
+                try:
+                    results.append(await conn.read_response())
+                except rx.ResponseError as exc:  # this call's error (NOSCRIPT, a script error): the others stand
+                    results.append(exc)
+            return results
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)

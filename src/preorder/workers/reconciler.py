@@ -118,40 +118,58 @@ async def _redis_now_ms(stock: Stock, product_id: str) -> int:
 async def settle_all(stock: Stock, *, orphan_hold_s: float) -> Settled:
     """The full pass: every hold of every loaded product."""
     total = Settled()
-    for pid in await _current_products(stock, total):
-        total.add(await settle_holds(stock, pid, orphan_hold_s=orphan_hold_s))
-        total.add(await settle_fresh(stock, pid, orphan_hold_s=orphan_hold_s))
+    for loaded in await _current_products(stock, total):
+        total.add(await settle_holds(stock, loaded.product_id, orphan_hold_s=orphan_hold_s))
+        total.add(await settle_fresh(stock, loaded.product_id, orphan_hold_s=orphan_hold_s))
     return total
 
 
 async def settle_recent(stock: Stock, *, since: datetime, orphan_hold_s: float) -> Settled:
-    """The regular pass: fresh holds old enough to be judged, and orders settled since `since`."""
+    """The regular pass: fresh holds old enough to be judged, and orders settled since `since`. Only products
+    with fresh holds are looked into: a store of many products on sale but few selling costs a few pipelines."""
     total = Settled()
-    for pid in await _current_products(stock, total):
-        total.add(await settle_fresh(stock, pid, orphan_hold_s=orphan_hold_s))
+    for loaded in await _current_products(stock, total):
+        if loaded.fresh:
+            total.add(await settle_fresh(stock, loaded.product_id, orphan_hold_s=orphan_hold_s))
     total.add(await settle_changed(stock, since=since))
     return total
 
 
-async def _current_products(stock: Stock, done: Settled) -> list[str]:
-    """The products loaded in Redis at PostgreSQL's epoch and not behind it; the others are rebuilt."""
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    product_id: str
+    fresh: int  # holds in its fresh set
+
+
+async def _current_products(stock: Stock, done: Settled, *, page: int = 500) -> list[Loaded]:
+    """The products loaded in Redis at PostgreSQL's epoch and not behind it; the others are rebuilt. Their
+    counters are read a page of products per pipeline: one round trip per page, not per product (measured: a
+    round trip per product made the pass cost ~50 us of every create's CPU, in bursts, with 1,000 products)."""
     current = []
     products = await stock_repo.epochs(stock.pool)
-    for r in products:
-        pid = r["id"]
-        epoch, reserved = await stock.redis.hmget(product_keys(pid).stock, ["epoch", "reserved"])
-        if epoch is None or reserved is None:
-            continue  # not loaded: the loader rebuilds it from PostgreSQL when it is next used
-        if int(epoch) < r["stock_epoch"]:
-            # The loader was killed (or lost Redis) between its commit and its load: until Redis is rebuilt,
-            # the fence refuses every write. (A loader just between the two finds its load superseded: harmless.)
-            await stock.rebuild(pid)
-            done.rebuilt += 1
-        elif await _behind(stock, pid, redis_reserved=int(reserved), sold_before=r["sold"]):
-            await stock.rebuild(pid)
-            done.behind += 1
-        else:
-            current.append(pid)
+    for start in range(0, len(products), page):
+        rows = products[start:start + page]
+        pipe = stock.redis.pipeline(transaction=False)
+        for r in rows:
+            keys = product_keys(r["id"])
+            pipe.hmget(keys.stock, ["epoch", "reserved"])
+            pipe.zcard(keys.fresh)
+        answers = await pipe.execute()
+        for i, r in enumerate(rows):
+            pid = r["id"]
+            (epoch, reserved), fresh = answers[2 * i], answers[2 * i + 1]
+            if epoch is None or reserved is None:
+                continue  # not loaded: the loader rebuilds it from PostgreSQL when it is next used
+            if int(epoch) < r["stock_epoch"]:
+                # The loader was killed (or lost Redis) between its commit and its load: until Redis is rebuilt,
+                # the fence refuses every write. (A loader just between the two finds its load superseded.)
+                await stock.rebuild(pid)
+                done.rebuilt += 1
+            elif await _behind(stock, pid, redis_reserved=int(reserved), sold_before=r["sold"]):
+                await stock.rebuild(pid)
+                done.behind += 1
+            else:
+                current.append(Loaded(pid, int(fresh)))
     return current
 
 
