@@ -130,7 +130,7 @@ class ScriptBatcher:
         retrying pipeline; a failure while reading is the callers' 503 (holds it may have made are orphans the
         reconciler releases, as for a process that died between reserve and write)."""
         pool = redis.connection_pool
-        conn = await pool.get_connection()
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             try:
                 await conn.send_packed_command(conn.pack_commands(
