@@ -3,13 +3,17 @@ answers it exactly as before. Both answer a create alike."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from preorder.orders import repository as repo
 from preorder.orders.hot import HotCreate
+from preorder.orders.schemas import OrderOut, order_json
+from preorder.orders.service import to_out
 from tests.conftest import bearer, make_product
 from tests.invariants import assert_invariants
 
@@ -100,3 +104,14 @@ async def test_bad_requests_reach_the_route_and_change_nothing(app, client, db, 
     assert passed.calls == 1, "the route answered it"
     assert await db.fetchval("SELECT count(*) FROM orders") == 0
     await assert_invariants(db, redis, created={})
+
+
+async def test_rows_become_the_models_model_construct_builds(client, db):
+    await make_product(client, total_stock=5)
+    created = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1}, headers=ME)
+    row = await repo.get(db, uuid.UUID(created.json()["order_id"]), user_id=None)
+    fast, generic = to_out(row), OrderOut.model_construct(**dict(row))
+    assert fast == generic and fast.model_fields_set == generic.model_fields_set
+    assert fast.__pydantic_extra__ == generic.__pydantic_extra__
+    assert fast.__pydantic_private__ == generic.__pydantic_private__
+    assert order_json(fast) == order_json(generic) == created.content

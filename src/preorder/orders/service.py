@@ -62,9 +62,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("preorder.orders")
 
 
+_ORDER_FIELDS = tuple(OrderOut.model_fields)
+_ALL_SET = frozenset(_ORDER_FIELDS)
+
+
 def to_out(row: asyncpg.Record) -> OrderOut:
-    # model_construct: the row comes from our own schema, whose types and constraints already hold.
-    return OrderOut.model_construct(**dict(row))
+    """What OrderOut.model_construct(**row) builds, for a row of our own schema (its types and constraints already
+    hold, and it has every field, so there are no defaults to fill): the fields' dict set directly, as
+    model_construct does, skipping its generic per-field work (measured 23 -> 4 us per create on this machine).
+    tests/test_hot_create.py checks the two build equal models."""
+    out = OrderOut.__new__(OrderOut)
+    object.__setattr__(out, "__dict__", {name: row[name] for name in _ORDER_FIELDS})
+    object.__setattr__(out, "__pydantic_fields_set__", set(_ALL_SET))
+    object.__setattr__(out, "__pydantic_extra__", None)
+    object.__setattr__(out, "__pydantic_private__", None)
+    return out
 
 
 def owner_filter(principal: Principal) -> str | None:
