@@ -80,6 +80,13 @@ SELECT relname, n_live_tup, n_dead_tup, autovacuum_count, autoanalyze_count, n_t
 FROM pg_stat_user_tables WHERE relname IN ('orders', 'order_events', 'products')
 """
 
+# WAL written (full-page images after each checkpoint make it grow per commit) and checkpoints (PostgreSQL 17+)
+_WAL = """
+SELECT w.wal_records, w.wal_fpi, w.wal_bytes::bigint, c.num_timed + c.num_requested AS checkpoints,
+       c.num_requested AS checkpoints_requested
+FROM pg_stat_wal w, pg_stat_checkpointer c
+"""
+
 
 @dataclass
 class Step:
@@ -89,11 +96,19 @@ class Step:
     redis_cpu_pct: float
     tables: dict[str, dict[str, int]]
     redis: dict[str, int]
+    wal: dict[str, int]  # cumulative since PostgreSQL started
+    wal_before: dict[str, int]
 
     def line(self) -> str:
         w, t, r = self.run.wrk, self.tables, self.redis
         o, e = t.get("orders", {}), t.get("order_events", {})
+        wal_mb = (self.wal.get("wal_bytes", 0) - self.wal_before.get("wal_bytes", 0)) / report.MB
+        fpi = self.wal.get("wal_fpi", 0) - self.wal_before.get("wal_fpi", 0)
+        ckpt = self.wal.get("checkpoints", 0) - self.wal_before.get("checkpoints", 0)
+        per_order = 1024 * wal_mb / max(w.s201, 1)
         return (f"{w.rps:7,.0f} req/s p99 {w.p99_ms:6.1f} ms | server {self.run.server_cpu_pct:3.0f}% "
+                f"{self.run.cpu_us_per_request:4.0f} us/req | WAL {wal_mb:5.0f} MB {per_order:4.1f} kB/order "
+                f"FPI {fpi:,} ckpt +{ckpt} | "
                 f"PG {self.pg_cpu_pct:3.0f}% Redis {self.redis_cpu_pct:3.0f}% | orders {o.get('n_live_tup', 0):,} "
                 f"dead {o.get('n_dead_tup', 0):,} av {o.get('autovacuum_count', 0)} "
                 f"{o.get('bytes', 0) / report.MB:,.0f} MB, events {e.get('bytes', 0) / report.MB:,.0f} MB "
@@ -134,6 +149,7 @@ class SustainedResult:
                 "steps": [{"step": s.no, "rps": s.run.wrk.rps, "p50_ms": s.run.wrk.p50_ms, "p99_ms": s.run.wrk.p99_ms,
                            "server_cpu_pct": s.run.server_cpu_pct, "cpu_us_per_request": s.run.cpu_us_per_request,
                            "pg_cpu_pct": s.pg_cpu_pct, "redis_cpu_pct": s.redis_cpu_pct, "tables": s.tables,
+                           "wal": s.wal, "wal_before": s.wal_before,
                            "redis": s.redis, "answers": {"201": s.run.wrk.s201, "409": s.run.wrk.s409}}
                           for s in self.steps]}
 
@@ -156,17 +172,17 @@ def run(bench: Bench, *, logs: Path) -> SustainedResult:
     bench.say(f"sustained: seeded and vacuumed in {result.seed_s:.0f} s")
     products = stack.write_lines(bench.folder / "sustained-product.txt", [hot])
     steps = max(round(args.sustained_minutes * 60 / args.sustained_step), 1)
-    server = bench.servers["sustained"][0]
-    assert server is not None
+    wal0 = asyncio.run(_probe(backends.database_url, backends.redis_url, hot))[2]
     for no in range(1, steps + 1):
         pg0, redis0 = _cpu(backends.pids(), backends.redis_pid)
         run = bench.measure("sustained", round_no=no, duration_s=args.sustained_step, products_file=products,
                             settle_s=0)
         assert run is not None  # no --max-orders cap locally unless asked
         pg1, redis1 = _cpu(backends.pids(), backends.redis_pid)
-        tables, redis = asyncio.run(_probe(backends.database_url, backends.redis_url, hot))
+        tables, redis, wal = asyncio.run(_probe(backends.database_url, backends.redis_url, hot))
         wall = run.wrk.duration_s
-        step = Step(no, run, 100 * (pg1 - pg0) / wall, 100 * (redis1 - redis0) / wall, tables, redis)
+        step = Step(no, run, 100 * (pg1 - pg0) / wall, 100 * (redis1 - redis0) / wall, tables, redis, wal,
+                    result.steps[-1].wal if result.steps else wal0)
         result.steps.append(step)
         bench.say(f"sustained step {no}/{steps}: {step.line()}")
     return result
@@ -190,7 +206,8 @@ async def _seed(database_url: str, products: list[str], *, orders: int, tag: str
         await conn.close()
 
 
-async def _probe(database_url: str, redis_url: str, product: str) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+async def _probe(database_url: str, redis_url: str, product: str
+                 ) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, int]]:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -200,7 +217,9 @@ async def _probe(database_url: str, redis_url: str, product: str) -> tuple[dict[
         memory = await client.info("memory")
         redis = {"holds": int(await client.hlen(keys.holds)), "fresh": int(await client.zcard(keys.fresh)),
                  "keys": int(await client.dbsize()), "used_memory": int(memory["used_memory"])}
-        return tables, redis
+        row = await conn.fetchrow(_WAL)
+        wal = {k: int(v) for k, v in dict(row).items()} if row else {}
+        return tables, redis, wal
     finally:
         await client.aclose()
         await conn.close()
