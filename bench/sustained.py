@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import httpx
 import redis.asyncio as aioredis
 
 from bench import procs, report, stack
@@ -74,6 +75,14 @@ CROSS JOIN LATERAL (VALUES (NULL, 'pending', o.user_id, 'created', 1, o.created_
 WHERE o.product_id = ANY($1::text[])
 """
 
+# From the service's /metrics, summed over label sets: group commit (mean batch size and INSERT time per step)
+# and the background loop's passes, to tell a slower commit from more background work.
+_METRICS = {
+    "commit_s": "preorder_order_commit_duration_seconds_sum", "commits": "preorder_order_commit_duration_seconds_count",
+    "batched": "preorder_order_commit_batch_size_sum", "reconciles": "preorder_reconciler_passes_total",
+    "sweeps": "preorder_sweeper_runs_total",
+}
+
 _TABLES = """
 SELECT relname, n_live_tup, n_dead_tup, autovacuum_count, autoanalyze_count, n_tup_hot_upd, n_tup_upd,
        pg_total_relation_size(relid) AS bytes
@@ -98,6 +107,11 @@ class Step:
     redis: dict[str, int]
     wal: dict[str, int]  # cumulative since PostgreSQL started
     wal_before: dict[str, int]
+    service: dict[str, float]  # cumulative, from /metrics (_METRICS)
+    service_before: dict[str, float]
+
+    def delta(self, name: str) -> float:
+        return self.service.get(name, 0.0) - self.service_before.get(name, 0.0)
 
     def line(self) -> str:
         w, t, r = self.run.wrk, self.tables, self.redis
@@ -106,8 +120,11 @@ class Step:
         fpi = self.wal.get("wal_fpi", 0) - self.wal_before.get("wal_fpi", 0)
         ckpt = self.wal.get("checkpoints", 0) - self.wal_before.get("checkpoints", 0)
         per_order = 1024 * wal_mb / max(w.s201, 1)
+        commits = max(self.delta("commits"), 1)
         return (f"{w.rps:7,.0f} req/s p99 {w.p99_ms:6.1f} ms | server {self.run.server_cpu_pct:3.0f}% "
-                f"{self.run.cpu_us_per_request:4.0f} us/req | WAL {wal_mb:5.0f} MB {per_order:4.1f} kB/order "
+                f"{self.run.cpu_us_per_request:4.0f} us/req | commit {1000 * self.delta('commit_s') / commits:5.1f} ms "
+                f"x {self.delta('batched') / commits:4.1f} rows, reconciles +{self.delta('reconciles'):.0f} | "
+                f"WAL {wal_mb:5.0f} MB {per_order:4.1f} kB/order "
                 f"FPI {fpi:,} ckpt +{ckpt} | "
                 f"PG {self.pg_cpu_pct:3.0f}% Redis {self.redis_cpu_pct:3.0f}% | orders {o.get('n_live_tup', 0):,} "
                 f"dead {o.get('n_dead_tup', 0):,} av {o.get('autovacuum_count', 0)} "
@@ -149,7 +166,8 @@ class SustainedResult:
                 "steps": [{"step": s.no, "rps": s.run.wrk.rps, "p50_ms": s.run.wrk.p50_ms, "p99_ms": s.run.wrk.p99_ms,
                            "server_cpu_pct": s.run.server_cpu_pct, "cpu_us_per_request": s.run.cpu_us_per_request,
                            "pg_cpu_pct": s.pg_cpu_pct, "redis_cpu_pct": s.redis_cpu_pct, "tables": s.tables,
-                           "wal": s.wal, "wal_before": s.wal_before,
+                           "wal": s.wal, "wal_before": s.wal_before, "service": s.service,
+                           "service_before": s.service_before,
                            "redis": s.redis, "answers": {"201": s.run.wrk.s201, "409": s.run.wrk.s409}}
                           for s in self.steps]}
 
@@ -173,6 +191,7 @@ def run(bench: Bench, *, logs: Path) -> SustainedResult:
     products = stack.write_lines(bench.folder / "sustained-product.txt", [hot])
     steps = max(round(args.sustained_minutes * 60 / args.sustained_step), 1)
     wal0 = asyncio.run(_probe(backends.database_url, backends.redis_url, hot))[2]
+    service0 = _scrape(base)
     for no in range(1, steps + 1):
         pg0, redis0 = _cpu(backends.pids(), backends.redis_pid)
         run = bench.measure("sustained", round_no=no, duration_s=args.sustained_step, products_file=products,
@@ -181,11 +200,23 @@ def run(bench: Bench, *, logs: Path) -> SustainedResult:
         pg1, redis1 = _cpu(backends.pids(), backends.redis_pid)
         tables, redis, wal = asyncio.run(_probe(backends.database_url, backends.redis_url, hot))
         wall = run.wrk.duration_s
+        previous = result.steps[-1] if result.steps else None
         step = Step(no, run, 100 * (pg1 - pg0) / wall, 100 * (redis1 - redis0) / wall, tables, redis, wal,
-                    result.steps[-1].wal if result.steps else wal0)
+                    previous.wal if previous else wal0, _scrape(base), previous.service if previous else service0)
         result.steps.append(step)
         bench.say(f"sustained step {no}/{steps}: {step.line()}")
     return result
+
+
+def _scrape(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = dict.fromkeys(_METRICS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for key, metric in _METRICS.items():
+            if name == metric:
+                found[key] += float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def _cpu(pids: list[int], redis_pid: int | None) -> tuple[float, float]:
