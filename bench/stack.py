@@ -134,15 +134,19 @@ def _wait_workers(server: procs.Managed, workers: int, timeout_s: float = 60) ->
         time.sleep(0.1)
 
 
+BARE_APPS = {"bare": "bench.bare_app:app", "bare+auth": "bench.bare_app:app_auth"}
+
+
 def start_bare(
-    *, env: dict[str, str], core: int, logs: Path, started: contextlib.ExitStack
+    name: str, *, env: dict[str, str], core: int, logs: Path, started: contextlib.ExitStack
 ) -> tuple[procs.Managed, str]:
-    """bench/bare_app.py under the options `preorder serve` passes to uvicorn.run (see preorder.cli._serve)."""
+    """One app of bench/bare_app.py (BARE_APPS) under the options `preorder serve` passes to uvicorn.run
+    (see preorder.cli._serve)."""
     port = free_port()
-    argv = ["taskset", "-c", str(core), str(BIN / "uvicorn"), "bench.bare_app:app",
+    argv = ["taskset", "-c", str(core), str(BIN / "uvicorn"), BARE_APPS[name],
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--loop", "uvloop",
             "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "10"]
-    return _start("bare", argv, port=port, env=env, logs=logs, started=started)
+    return _start(name.replace("+", "-"), argv, port=port, env=env, logs=logs, started=started)
 
 
 def _start(
@@ -183,18 +187,18 @@ SPREAD_STOCK = 1_000_000
 
 
 def seed(base: str, *, folder: Path, secret: str, users: int, spread: int) -> Seed:
-    tag = f"b{int(time.time()):x}"
+    tag = new_tag()
     s = Seed(hot=f"{tag}-hot", sold_out=f"{tag}-sold", spread=[f"{tag}-s{i:04d}" for i in range(spread)],
              tokens_file=folder / "tokens.txt",
-             files={"bare": folder / "hot.txt", "create": folder / "hot.txt", "soldout": folder / "sold.txt",
-                    "spread": folder / "spread.txt", "workers2": folder / "hot.txt"})
-    asyncio.run(_create_products(base, admin_token(secret), s))
+             files={"bare": folder / "hot.txt", "bare+auth": folder / "hot.txt", "create": folder / "hot.txt",
+                    "soldout": folder / "sold.txt", "spread": folder / "spread.txt", "workers2": folder / "hot.txt"})
+    create_products(base, secret, s.stock)
     settings = Settings(env="dev", jwt_secret=secret)
     tokens = [mint_token(settings, sub=f"u{i:05d}", role="customer", ttl_s=86_400) for i in range(users)]
-    s.tokens_file.write_text("\n".join(tokens) + "\n")
-    s.files["create"].write_text(s.hot + "\n")
-    s.files["soldout"].write_text(s.sold_out + "\n")
-    s.files["spread"].write_text("\n".join(s.spread) + "\n")
+    write_lines(s.tokens_file, tokens)
+    write_lines(s.files["create"], [s.hot])
+    write_lines(s.files["soldout"], [s.sold_out])
+    write_lines(s.files["spread"], s.spread)
     return s
 
 
@@ -203,17 +207,33 @@ def admin_token(secret: str) -> str:
     return token
 
 
-async def _create_products(base: str, token: str, s: Seed) -> None:
+def create_products(base: str, secret: str, stock: dict[str, int]) -> None:
+    """Products through the API (so Redis is loaded the service's own way), with a payment window long enough
+    that no bench order expires mid-run."""
+    asyncio.run(_create_products(base, admin_token(secret), stock))
+
+
+def new_tag() -> str:
+    """A prefix for this run's product ids: a reused external database does not mix runs."""
+    return f"b{time.time_ns() // 1_000_000:x}"
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _create_products(base: str, token: str, stock: dict[str, int]) -> None:
     gate = asyncio.Semaphore(8)
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
 
-        async def create(product_id: str, stock: int) -> None:
+        async def create(product_id: str, units: int) -> None:
             body = {"id": product_id, "name": f"bench {product_id}", "price_amount": PRICE, "currency": "USD",
-                    "total_stock": stock, "payment_window_seconds": LONG_WINDOW_S}
+                    "total_stock": units, "payment_window_seconds": LONG_WINDOW_S}
             async with gate:
                 answer = await client.post("/api/products", json=body)
             if answer.status_code != 201:
                 raise RuntimeError(f"creating {product_id}: {answer.status_code} {answer.text}")
 
-        await asyncio.gather(*(create(p, n) for p, n in s.stock.items()))
+        await asyncio.gather(*(create(p, n) for p, n in stock.items()))
