@@ -30,7 +30,7 @@ image-check: sync
 	$(UV) run --frozen python deploy/image_check.py $(IMAGE_CHECK_ARGS)
 
 lint: sync
-	$(UV) run --frozen ruff check src tests deploy
+	$(UV) run --frozen ruff check src tests deploy bench
 	$(UV) run --frozen mypy
 
 # promtool: the Prometheus config and alert rules checked, and the rules' unit tests run (deploy/check.sh).

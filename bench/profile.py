@@ -59,24 +59,62 @@ def start_record(py_spy: str, *, pid: int, out: Path, fmt: str, duration_s: floa
 # its stack contains one of the needles ("function (file"); concerns nest, so they do not add up.
 CONCERNS: list[tuple[str, list[str]]] = [
     ("a request, after HTTP parsing (uvicorn run_asgi)", ["run_asgi (uvicorn"]),
-    ("  endpoint create_order (the service's own work)", ["create_order (preorder/orders/router"]),
-    ("    Stock.reserve (Redis reserve script)", ["Stock.reserve (preorder"]),
-    ("    Orders._write (PostgreSQL order insert)", ["Orders._write (preorder"]),
-    ("    to_out (record -> OrderOut)", ["to_out (preorder"]),
-    ("  rate limit dependency (limits, in Redis)", ["limit_order_creation (preorder"]),
-    ("  token dependency current_user", ["current_user (preorder"]),
-    ("  thread-pool hop for sync dependencies", ["run_in_threadpool (starlette"]),
+    ("  the create: place_order (the service's own work)", ["place_order (preorder/orders/router",
+                                                          "create_order (preorder/orders/router"]),
+    ("    admission + reservation (Redis, one round trip)", ["Orders._reserve (preorder"]),
+    ("    waiting for the order write (group commit)", ["Orders._write (preorder"]),
+    ("    to_out + 201 answer built (record -> JSON)", ["to_out (preorder", "Created.__init__ (preorder"]),
+    ("  token check", ["TokenVerifier.authenticate (preorder", "current_user (preorder",
+                       "bearer_principal (preorder", "TokenVerifier.verify (preorder"]),
     ("  request body read + validation", ["request_body_to_args (fastapi", "Request.body (starlette",
-                                          "Request.json (starlette"]),
+                                          "Request.json (starlette", "model_validate_json (pydantic",
+                                          "HotCreate._read (preorder"]),
+    ("  request metrics + access line (Observe._record)", ["Observe._record (preorder"]),
+    ("  response send (uvicorn)", ["RequestResponseCycle.send (uvicorn"]),
     ("  response model serialisation", ["serialize_response (fastapi"]),
     ("  domain error -> problem+json", ["_domain_error (preorder", "problem (preorder/errors"]),
+    ("Redis calls sent and answers handed out (ScriptBatcher._send)", ["ScriptBatcher._send (preorder"]),
+    ("group-commit INSERT batches (GroupCommit._run)", ["GroupCommit._run (preorder"]),
     ("redis-py, any call", ["(redis/"]),
     ("  redis-py connection pool get/release", ["ConnectionPool.get_connection (redis", "ConnectionPool.release (redis",
                                                 "ConnectionPool.get_available_connection (redis"]),
     ("asyncpg, any call", ["(asyncpg/"]),
     ("  asyncpg pool acquire/release", ["(asyncpg/pool"]),
     ("background loops in the server process (sweeper, reconciler)", ["run_forever (preorder/workers"]),
+    ("events relay (outbox to NATS and webhooks)", ["Relay.run_forever (preorder"]),
 ]
+
+
+# Each sample once, to the first of these whose needles match a frame on its stack (the order resolves nesting:
+# the background and batched work first, then the parts of a request, then the framework around them), so the
+# rows add up to the whole server CPU per request: the README's table of where a create's microseconds go.
+BREAKDOWN: list[tuple[str, list[str]]] = [
+    ("background loops (sweeper, reconciler, Redis watch)", ["run_forever (preorder/workers"]),
+    ("events relay (outbox to NATS and webhooks)", ["Relay.run_forever (preorder"]),
+    ("PostgreSQL: the group-commit INSERT of a batch", ["GroupCommit._run (preorder"]),
+    ("Redis: the batched admission + reserve call", ["ScriptBatcher._send (preorder"]),
+    ("create: queue admission + reserve, await answers", ["Orders._reserve (preorder"]),
+    ("create: record -> model -> 201 JSON", ["to_out (preorder", "Created.__init__ (preorder"]),
+    ("create: the rest of the service call", ["place_order (preorder/orders/router",
+                                              "create_order (preorder/orders/router"]),
+    ("token check (cached)", ["TokenVerifier.authenticate (preorder", "TokenVerifier.verify (preorder",
+                              "bearer_principal (preorder", "current_user (preorder"]),
+    ("body read + validation", ["request_body_to_args (fastapi", "Request.body (starlette", "Request.json (starlette",
+                                "model_validate_json (pydantic", "HotCreate._read (preorder"]),
+    ("domain error -> problem+json", ["_domain_error (preorder", "problem (preorder/errors"]),
+    ("request metrics + access line", ["Observe._record (preorder"]),
+    ("response send (uvicorn)", ["RequestResponseCycle.send (uvicorn"]),
+    ("framework and middleware around the endpoint", ["run_asgi (uvicorn"]),
+    ("HTTP parsing, event loop, protocol callbacks", [""]),
+]
+
+
+def breakdown(stacks: list[tuple[list[str], int]]) -> Counter[str]:
+    rows: Counter[str] = Counter()
+    for frames, count in stacks:
+        label = next(label for label, needles in BREAKDOWN if any(n in f for f in frames for n in needles))
+        rows[label] += count
+    return rows
 
 
 # The part of a request's time none of the concerns under it claims: routing, middleware, exception
@@ -118,7 +156,8 @@ def summarise(raw: Path, *, top: int = 25, rate: int = 200, rps: float = 0.0, cp
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for frames, count in _stacks(raw):
+    stacks = list(_stacks(raw))
+    for frames, count in stacks:
         total += count
         by_layer[layer_of(frames)] += count
         self_time[frames[-1]] += count
@@ -148,6 +187,9 @@ def summarise(raw: Path, *, top: int = 25, rate: int = 200, rps: float = 0.0, cp
     out += [f"  {pct(total - concerns[CONCERNS[0][0]])}  outside a request's ASGI call: HTTP parsing, event loop, "
             "protocol callbacks, background loops"]
     out += [f"  {pct(concerns[label])}  {label}" for label, _ in CONCERNS[11:]]
+    parts = breakdown(stacks)
+    out += ["", "where the CPU goes (each sample once; adds up to 100%):"]
+    out += [f"  {pct(parts[label])}  {label}" for label, _ in BREAKDOWN]
     out += ["", "by layer (innermost frame wins; adds up to 100%):"]
     out += [f"  {pct(n)}  {layer}" for layer, n in by_layer.most_common()]
     out += ["", "by layer, inclusive (a sample counts for every layer on its stack):"]
