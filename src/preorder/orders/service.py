@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -453,9 +455,24 @@ class Orders:
         await self._release_all(rows)
         return len(rows)
 
+    async def forfeit_all_due(self, *, batch: int = 1000, budget_s: float = 30.0) -> int:
+        """The sweeper's round: forfeit_due batch after batch until one comes back short (nothing more is due) or
+        `budget_s` has passed (the rest is the next round's), so a balance window closing on 100,000 orders is
+        done in one round, not one batch per sweep interval. Each batch is one statement and its own commit."""
+        deadline = time.monotonic() + budget_s
+        total = 0
+        while True:
+            n = await self.forfeit_due(limit=batch)
+            total += n
+            if n < batch or time.monotonic() >= deadline:
+                return total
+
     async def _release_all(self, rows: list[asyncpg.Record]) -> None:
-        # Concurrently: the stock service batches concurrent script calls per product into one round trip.
-        await asyncio.gather(*(self.stock.release(r["product_id"], r["id"]) for r in rows))
+        """One release_many call per product (and per chunk of its orders), the products concurrently."""
+        by_product: dict[str, list[uuid.UUID]] = defaultdict(list)
+        for r in rows:
+            by_product[r["product_id"]].append(r["id"])
+        await asyncio.gather(*(self.stock.release_many(p, ids) for p, ids in by_product.items()))
 
     async def drain(self) -> None:
         """Shutdown: write every order row still queued for group commit."""
