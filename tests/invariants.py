@@ -1,5 +1,6 @@
 """The invariant checker every stock test uses: I1 from PostgreSQL, I2 Redis against PostgreSQL, I3 orders,
-and the I4/I5 traces PostgreSQL keeps (one creation per order, one release per cancelled order, a whole history)."""
+and the I4/I5 traces PostgreSQL keeps (one creation per order, one release per cancelled order, a whole history,
+one event per payment, refund and refund paid back)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,25 @@ async def _assert_histories(db: asyncpg.Connection) -> None:
            LIMIT 5"""
     )
     assert not broken, f"I4/I5 event history broken (created or released twice, or a gap) for {broken}"
+    # I5 for money: each payment, each refund and each refund paid back is one event row of its order.
+    uncounted = await db.fetch(
+        """WITH ev AS (
+               SELECT order_id, count(*) FILTER (WHERE type = 'payment_recorded') AS payments,
+                      count(*) FILTER (WHERE type = 'refund_created') AS refunds,
+                      count(*) FILTER (WHERE type = 'refund_succeeded') AS succeeded
+               FROM order_events GROUP BY order_id
+           ), pay AS (SELECT order_id, count(*) AS n FROM payments GROUP BY order_id
+           ), ref AS (SELECT order_id, count(*) AS n, count(*) FILTER (WHERE status = 'succeeded') AS succeeded
+                      FROM refunds GROUP BY order_id)
+           SELECT o.id, ev.payments, pay.n AS payment_rows, ev.refunds, ref.n AS refund_rows, ev.succeeded,
+                  ref.succeeded AS succeeded_rows
+           FROM orders o LEFT JOIN ev ON ev.order_id = o.id LEFT JOIN pay ON pay.order_id = o.id
+                LEFT JOIN ref ON ref.order_id = o.id
+           WHERE COALESCE(ev.payments, 0) <> COALESCE(pay.n, 0) OR COALESCE(ev.refunds, 0) <> COALESCE(ref.n, 0)
+              OR COALESCE(ev.succeeded, 0) <> COALESCE(ref.succeeded, 0)
+           LIMIT 5"""
+    )
+    assert not uncounted, f"I5 a payment or refund without exactly one event row: {[dict(r) for r in uncounted]}"
 
 
 # I6: what the merchant keeps of an order by the rules, computed from its status and history alone:

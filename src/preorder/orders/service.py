@@ -406,7 +406,8 @@ class Orders:
         """Admin: the provider has paid the refund back. Once (written to the audit log in the same transaction);
         a repeat with the same reference answers the same."""
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await repo.refund_succeeded(conn, refund_id, order.order_id, provider_reference=provider_reference)
+            row = await repo.refund_succeeded(conn, refund_id, order.order_id, provider_reference=provider_reference,
+                                           actor=admin.sub)
             if row is not None:
                 await audit.record(conn, Actor(admin, client).did(
                     "order.refund_succeeded", str(order.order_id), before={"refund_id": refund_id, "status": "pending"},
