@@ -14,34 +14,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import bearer, make_product
+from tests.harness import seed_deposit_paid
 from tests.invariants import assert_invariants
 
 N = int(os.environ.get("PREORDER_FORFEIT_SCALE_N", "5000"))
 BATCH = 1000
 LIMIT_S = 60.0 * max(N, 100_000) / 100_000  # 60 s for 100,000 (the issue's figure), never less
-
-# N deposit-paid orders written straight into PostgreSQL with their history and deposit payment, as if each had
-# been created and paid through the API (the sold counter's triggers count them).
-_SEED = """
-WITH o AS (
-    INSERT INTO orders (id, product_id, user_id, quantity, status, amount_due, currency, pay_by, created_at,
-                        updated_at, payment_plan, deposit_due, balance_due, balance_starts_at, balance_ends_at, paid,
-                        payment_reference, amount_paid)
-    SELECT gen_random_uuid(), 'PD', 'U' || (i % 500), 1, 'deposit_paid', 1000, 'USD', now() + interval '30 minutes',
-           now(), now(), 'deposit', 100, 900, $2, $3, 100, 'DEP-' || i, 100
-    FROM generate_series(1, $1::int) AS i
-    RETURNING *
-), e AS (
-    INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
-    SELECT id, NULL, 'pending', user_id, 'created', 1, 'created', to_jsonb(o) FROM o
-    UNION ALL SELECT id, 'pending', 'pending', user_id, 'deposit payment', 2, 'payment_recorded', to_jsonb(o) FROM o
-    UNION ALL SELECT id, 'pending', 'deposit_paid', user_id, 'deposit_confirmed', 3, 'deposit_paid', to_jsonb(o)
-    FROM o
-)
-INSERT INTO payments (order_id, kind, reference, amount, currency, outcome, actor)
-SELECT id, 'deposit', payment_reference, 100, 'USD', 'applied', user_id FROM o
-"""
-
 
 async def _creates(client, stop: asyncio.Event, count: int | None = None) -> list[float]:
     latencies: list[float] = []
@@ -62,7 +40,7 @@ async def test_a_closing_balance_window_forfeits_every_order_in_batches(client, 
     await make_product(client, "PD", price_amount=1000, total_stock=N, payment_plan="deposit", deposit_amount=100,
                        balance_starts_at=starts.isoformat(), balance_ends_at=ends.isoformat())
     await make_product(client, "PF", price_amount=500, total_stock=1_000_000)
-    await db.execute(_SEED, N, starts, ends)
+    await seed_deposit_paid(db, N, "PD", starts, ends)
     orders = app.state.orders
     await orders.stock.rebuild("PD")  # Redis now holds the N seeded orders' units
     assert (await client.get("/api/products/PD")).json()["reserved"] == N
