@@ -341,6 +341,35 @@ async def steady(client: httpx.AsyncClient, traffic: Traffic, stop: asyncio.Even
     await asyncio.gather(*(worker(w) for w in range(workers)))
 
 
+# n deposit-paid orders of one product (1 unit, price 1000, deposit 100 paid) written straight into PostgreSQL with
+# their history and deposit payment, as if each had been created and paid through the API (the sold counter's
+# triggers count them). Their units are in Redis only once the product is (re)built from PostgreSQL.
+_SEED_DEPOSIT_PAID = """
+WITH o AS (
+    INSERT INTO orders (id, product_id, user_id, quantity, status, amount_due, currency, pay_by, created_at,
+                        updated_at, payment_plan, deposit_due, balance_due, balance_starts_at, balance_ends_at, paid,
+                        payment_reference, amount_paid)
+    SELECT gen_random_uuid(), $4, 'U' || (i % 500), 1, 'deposit_paid', 1000, 'USD', now() + interval '30 minutes',
+           now(), now(), 'deposit', 100, 900, $2, $3, 100, $4 || '-DEP-' || i, 100
+    FROM generate_series(1, $1::int) AS i
+    RETURNING *
+), e AS (
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
+    SELECT id, NULL, 'pending', user_id, 'created', 1, 'created', to_jsonb(o) FROM o
+    UNION ALL SELECT id, 'pending', 'pending', user_id, 'deposit payment', 2, 'payment_recorded', to_jsonb(o) FROM o
+    UNION ALL SELECT id, 'pending', 'deposit_paid', user_id, 'deposit_confirmed', 3, 'deposit_paid', to_jsonb(o)
+    FROM o
+)
+INSERT INTO payments (order_id, kind, reference, amount, currency, outcome, actor)
+SELECT id, 'deposit', payment_reference, 100, 'USD', 'applied', user_id FROM o
+"""
+
+
+async def seed_deposit_paid(db: Any, n: int, product_id: str, balance_starts_at: Any, balance_ends_at: Any) -> None:
+    """n deposit-paid orders of `product_id` (a deposit product: price 1000, deposit 100, stock >= n)."""
+    await db.execute(_SEED_DEPOSIT_PAID, n, balance_starts_at, balance_ends_at, product_id)
+
+
 async def new_product(client: httpx.AsyncClient, pid: str, **fields: Any) -> dict[str, Any]:
     body = {"id": pid, "name": f"Product {pid}", "price_amount": 1000, "currency": "USD", "total_stock": 100}
     body.update(fields)

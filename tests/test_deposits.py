@@ -216,6 +216,10 @@ async def test_a_deposit_not_paid_in_its_window_cancels_and_a_late_one_is_refund
     assert (await client.post(path, json={"provider_reference": "RF-2"}, headers=ADMIN)).status_code == 409
     refunds = (await client.get(f"/api/preorder/{order['order_id']}/refunds", headers=U1)).json()["items"]
     assert [(r["status"], r["provider_reference"]) for r in refunds] == [("succeeded", "RF-1")]
+    events = (await client.get(f"/api/preorder/{order['order_id']}/events", headers=ADMIN)).json()["items"]
+    assert [(e["type"], e["from_status"], e["to_status"], e["actor"]) for e in events][-3:] == [
+        ("payment_recorded", "cancelled", "cancelled", "U1"), ("refund_created", "cancelled", "cancelled", "U1"),
+        ("refund_succeeded", "cancelled", "cancelled", "admin-1")], "one event for the refund paid back, not per call"
     await assert_invariants(db, redis, created=[order["order_id"]])
 
 
@@ -227,6 +231,9 @@ async def test_a_balance_not_paid_in_its_window_forfeits_and_keeps_the_deposit(c
     assert await app.state.orders.forfeit_due() == 1
     assert await app.state.orders.forfeit_due() == 0
     assert await status_of(client, order) == "forfeited" and await reserved(client) == 0
+    events = (await client.get(f"/api/preorder/{order['order_id']}/events", headers=ADMIN)).json()["items"]
+    assert [(e["type"], e["from_status"], e["actor"], e["reason"]) for e in events if e["to_status"] == "forfeited"
+            ] == [("forfeited", "deposit_paid", "system", "balance_timeout")], "one event for the forfeiture"
     late = await pay(client, order, "balance", "BAL-LATE")
     assert late.status_code == 201 and late.json()["payment"]["outcome"] == "refunded", late.text
     assert late.json()["order"]["status"] == "forfeited", "a late payment never re-opens the order"

@@ -181,7 +181,7 @@ async def test_the_openapi_document_lists_every_event_type_as_a_webhook(client: 
     doc = (await client.get("/openapi.json")).json()
     assert set(doc["webhooks"]) == {f"preorder.order.{t}" for t in
                                     ("created", "deposit_paid", "paid", "shipped", "completed", "cancelled",
-                                     "forfeited", "payment_recorded", "refund_created")}
+                                     "forfeited", "payment_recorded", "refund_created", "refund_succeeded")}
     body = doc["webhooks"]["preorder.order.paid"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].endswith("/OrderEvent")
 

@@ -155,6 +155,17 @@ class DepositsMachine(ApiMachine):
         o.status = "cancelled"
 
     @rule(oid=orders)
+    def refund_paid_back(self, oid: str) -> None:
+        """An admin records that the provider paid a pending refund back (its event row is checked by I5)."""
+        refunds = self.run(self.client.get(f"/api/preorder/{oid}/refunds", headers=ADMIN)).json()["items"]
+        pending = [r for r in refunds if r["status"] == "pending"]
+        if not pending:
+            return
+        path = f"/api/preorder/{oid}/refunds/{pending[0]['refund_id']}/succeeded"
+        r = self.run(self.client.post(path, json={"provider_reference": f"RF-{uuid.uuid4()}"}, headers=ADMIN))
+        assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+
+    @rule(oid=orders)
     def ship(self, oid: str) -> None:
         o = self.model[oid]
         r = self.run(self.client.put(f"/api/preorder/{oid}", json={"status": "shipped"}, headers=ADMIN))
@@ -172,7 +183,7 @@ class DepositsMachine(ApiMachine):
     @rule()
     def sweep(self) -> None:
         expired = self.run(self.app.state.orders.expire_due())
-        forfeited = self.run(self.app.state.orders.forfeit_due())
+        forfeited = self.run(self.app.state.orders.forfeit_all_due())  # the sweeper's round
         due = [o for o in self.model.values() if o.status == "pending" and self.t >= o.pay_by()]
         lapsed = [o for o in self.model.values() if o.status == "deposit_paid" and self.t >= BALANCE_CLOSES]
         assert (expired, forfeited) == (len(due), len(lapsed))

@@ -30,6 +30,23 @@ async def test_release_of_a_malformed_hold_changes_nothing(redis: aioredis.Redis
     assert await redis.hget(K.stock, "reserved") == b"3", "nothing was given back"
 
 
+async def test_release_many_gives_back_each_hold_once_and_leaves_a_malformed_one(redis: aioredis.Redis) -> None:
+    release_many = redis.register_script(_script("release_many.lua"))
+    await redis.hset(K.stock, mapping={"epoch": 1, "total": 10, "reserved": 6, "starts": 0, "ends": 0, "limit": 0})
+    await redis.hset(K.holds, mapping={"o1": "2:U1:1", "o2": "1:U1:2", "o3": "x:U2:3", "o4": "3:U2:4"})
+    await redis.hset(K.users, mapping={"U1": 3, "U2": 3})
+    await redis.zadd(K.fresh, {"o1": 1, "o2": 2})
+    answer = await release_many(keys=list(K.scripts), args=["o1", "o2", "o3", "o4", "o5"])
+    assert answer == [6, 3, b"o3"], "o5 has no hold; o3 is malformed and named"
+    assert await redis.hgetall(K.holds) == {b"o3": b"x:U2:3"}, "the malformed hold is left for an operator"
+    assert await redis.hget(K.stock, "reserved") == b"0"
+    assert await redis.hgetall(K.users) == {}, "each customer's count reached 0 and was removed"
+    assert await redis.zcard(K.fresh) == 0
+    assert await release_many(keys=list(K.scripts), args=["o1", "o2", "o4"]) == [0, 0], "a second call: nothing"
+    await redis.delete(K.stock)
+    assert await release_many(keys=list(K.scripts), args=["o3"]) == [0, 0], "no counters: nothing to give back to"
+
+
 async def test_a_rate_counter_without_a_ttl_refuses_for_one_window_then_lets_through(redis: aioredis.Redis) -> None:
     reserve = redis.register_script(_script("reserve.lua"))
     await redis.hset(K.stock, mapping={"epoch": 1, "total": 10, "reserved": 0, "starts": 0, "ends": 0, "limit": 0})

@@ -13,11 +13,12 @@ from preorder.orders.schemas import OrderOut
 
 TYPE_PREFIX = "preorder.order."
 # One type per status an order can reach; `created` is the order's first event (status pending). A recorded
-# payment and a created refund are events of their order too (the status unchanged, or changed by the next one).
+# payment, a created refund and a refund paid back are events of their order too (the status unchanged, or changed
+# by the next one).
 EventType = Literal[
     "preorder.order.created", "preorder.order.deposit_paid", "preorder.order.paid", "preorder.order.shipped",
     "preorder.order.completed", "preorder.order.cancelled", "preorder.order.forfeited",
-    "preorder.order.payment_recorded", "preorder.order.refund_created",
+    "preorder.order.payment_recorded", "preorder.order.refund_created", "preorder.order.refund_succeeded",
 ]
 EVENT_TYPES: tuple[str, ...] = typing.get_args(EventType)
 CONTENT_TYPE = "application/cloudevents+json"

@@ -329,14 +329,30 @@ async def refunds(conn: PoolOrConn, order_id: uuid.UUID, *, payment_id: int | No
     )
 
 
-async def refund_succeeded(conn: PoolOrConn, refund_id: int, order_id: uuid.UUID, *,
-                           provider_reference: str) -> asyncpg.Record | None:
-    """pending -> succeeded, once: None when it is not this order's pending refund."""
-    return await conn.fetchrow(
-        f"""UPDATE refunds SET status = 'succeeded', provider_reference = $3, succeeded_at = now()
-            WHERE id = $1 AND order_id = $2 AND status = 'pending' RETURNING {_REFUND_COLUMNS}""",
-        refund_id, order_id, provider_reference,
-    )
+# A refund paid back is an event of its order too (I5: each payment and refund is one event row), written in the
+# same statement: the order's status unchanged, the next sequence, the order as it is.
+_REFUND_SUCCEEDED = f"""
+WITH r AS (
+    UPDATE refunds SET status = 'succeeded', provider_reference = $3, succeeded_at = now()
+    WHERE id = $1 AND order_id = $2 AND status = 'pending'
+    RETURNING {_REFUND_COLUMNS}
+), e AS (
+    INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
+    SELECT o.id, o.status, o.status, $4::text, 'refund ' || r.refund_id || ' succeeded: ' || $3::text,
+           {_NEXT_SEQUENCE}, 'refund_succeeded', to_jsonb(o)
+    FROM orders o JOIN r ON r.order_id = o.id
+)
+SELECT * FROM r
+"""
+
+
+async def refund_succeeded(conn: PgConn, refund_id: int, order_id: uuid.UUID, *,
+                           provider_reference: str, actor: str) -> asyncpg.Record | None:
+    """pending -> succeeded, once, with its event: None when it is not this order's pending refund. Inside a
+    transaction: the order row is locked first, by a statement of its own, so the event's sequence is read after
+    every other change of the order has committed (a statement reads one snapshot, even after a lock wait)."""
+    await conn.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order_id)
+    return await conn.fetchrow(_REFUND_SUCCEEDED, refund_id, order_id, provider_reference, actor)
 
 
 async def refund(conn: PoolOrConn, refund_id: int) -> asyncpg.Record | None:

@@ -295,8 +295,9 @@ async def refund_succeeded(order_id: uuid.UUID, refund_id: RefundId, body: Refun
                            orders: OrdersDep, request: Request) -> RefundOut:
     """**Who may call:** admins.
 
-    **Changes:** the refund becomes `succeeded` with the provider's refund reference, written to the audit log.
-    A repeat with the same reference answers the same; another reference is a 409."""
+    **Changes:** the refund becomes `succeeded` with the provider's refund reference, written to the audit log,
+    and the order gets one `refund_succeeded` event (its status unchanged). A repeat with the same reference
+    answers the same and writes nothing; another reference is a 409."""
     order = await orders.get(admin, order_id)
     return await orders.refund_succeeded(admin, order, refund_id, body.provider_reference,
                                          client=client_address(request))

@@ -159,7 +159,8 @@ class OrderPage(BaseModel):
 
 
 class EventOut(BaseModel):
-    type: str = Field(description="created, a status (paid, forfeited...), payment_recorded or refund_created")
+    type: str = Field(description="created, a status (paid, forfeited...), payment_recorded, refund_created or "
+                                  "refund_succeeded")
     from_status: Status | None
     to_status: Status
     actor: str

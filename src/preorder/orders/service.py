@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -416,7 +418,8 @@ class Orders:
         """Admin: the provider has paid the refund back. Once (written to the audit log in the same transaction);
         a repeat with the same reference answers the same."""
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await repo.refund_succeeded(conn, refund_id, order.order_id, provider_reference=provider_reference)
+            row = await repo.refund_succeeded(conn, refund_id, order.order_id, provider_reference=provider_reference,
+                                           actor=admin.sub)
             if row is not None:
                 await audit.record(conn, Actor(admin, client).did(
                     "order.refund_succeeded", str(order.order_id), before={"refund_id": refund_id, "status": "pending"},
@@ -465,9 +468,24 @@ class Orders:
         await self._release_all(rows)
         return len(rows)
 
+    async def forfeit_all_due(self, *, batch: int = 1000, budget_s: float = 30.0) -> int:
+        """The sweeper's round: forfeit_due batch after batch until one comes back short (nothing more is due) or
+        `budget_s` has passed (the rest is the next round's), so a balance window closing on 100,000 orders is
+        done in one round, not one batch per sweep interval. Each batch is one statement and its own commit."""
+        deadline = time.monotonic() + budget_s
+        total = 0
+        while True:
+            n = await self.forfeit_due(limit=batch)
+            total += n
+            if n < batch or time.monotonic() >= deadline:
+                return total
+
     async def _release_all(self, rows: list[asyncpg.Record]) -> None:
-        # Concurrently: the stock service batches concurrent script calls per product into one round trip.
-        await asyncio.gather(*(self.stock.release(r["product_id"], r["id"]) for r in rows))
+        """One release_many call per product (and per chunk of its orders), the products concurrently."""
+        by_product: dict[str, list[uuid.UUID]] = defaultdict(list)
+        for r in rows:
+            by_product[r["product_id"]].append(r["id"])
+        await asyncio.gather(*(self.stock.release_many(p, ids) for p, ids in by_product.items()))
 
     async def drain(self) -> None:
         """Shutdown: write every order row still queued for group commit."""

@@ -10,7 +10,7 @@ import time
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NoReturn
@@ -38,6 +38,7 @@ from preorder.stock.keys import product_keys
 from preorder.stock.scripts import script_text
 
 log = logging.getLogger("preorder.stock")
+RELEASE_CHUNK = 500  # order ids per release_many.lua call
 _script = script_text
 
 
@@ -161,6 +162,7 @@ class Stock:
         self._reserve = ScriptBatcher(redis, redis.register_script(_script("reserve.lua")))
         self.customers = CustomerLimits(redis, self._reserve, rules.customers)
         self._settle = redis.register_script(_script("release.lua"))
+        self._settle_many = redis.register_script(_script("release_many.lua"))
         self._load = redis.register_script(_script("load.lua"))
         # A lock lives only while a load of its product runs or waits: an unknown id leaves nothing behind.
         self._loading: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -232,6 +234,22 @@ class Stock:
     async def release(self, product_id: str, order_id: uuid.UUID) -> int:
         """Give back what the order's hold still holds; a second call gives back nothing."""
         given = int(await self._settle(keys=product_keys(product_id).scripts, args=[str(order_id), "release"]))
+        if given:
+            self.sold_out.clear(product_id)
+        return given
+
+    async def release_many(self, product_id: str, order_ids: Sequence[uuid.UUID], *, chunk: int = RELEASE_CHUNK
+                           ) -> int:
+        """release() for many orders of one product: one script call per `chunk` orders (each call holds Redis
+        for well under a millisecond at the default). Returns the units given back."""
+        given = 0
+        keys = product_keys(product_id).scripts
+        for start in range(0, len(order_ids), chunk):
+            answer = await self._settle_many(keys=keys, args=[str(o) for o in order_ids[start:start + chunk]])
+            given += int(answer[0])
+            if len(answer) > 2:
+                log.error("left %d malformed holds of %s for an operator: %s", len(answer) - 2, product_id,
+                          [m.decode() for m in answer[2:]])
         if given:
             self.sold_out.clear(product_id)
         return given

@@ -22,7 +22,7 @@ async def run_once(orders: Orders, reconciler: Reconciler | None, watch: RedisWa
     metrics.SWEEPER_RUNS.inc()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
-    forfeited = await orders.forfeit_due()
+    forfeited = await orders.forfeit_all_due()
     if forfeited:
         log.info("forfeited %d deposit-paid orders past their balance window", forfeited)
     if reconciler is not None:
