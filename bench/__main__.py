@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import checks, flash, load, procs, remote, report, stack, sustained
+from bench import checks, flash, load, procs, remote, report, stack, sustained, webhook
 from bench import profile as prof
 
 SCENARIOS = ["bare", "bare+auth", "create", "soldout", "spread", "workers2"]  # the default: interleaved rounds
@@ -57,6 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="extra setting for both servers, e.g. PREORDER_DB_POOL_MAX=20 (repeatable)")
     p.add_argument("--ref", help="benchmark this git ref's src/ (e.g. HEAD) instead of the working tree")
     p.add_argument("--out", default="results", help="folder for JSON, PNG, profiles and logs (git-ignored)")
+    p.add_argument("--webhook", action="store_true",
+                   help="register one webhook endpoint (a receiver in this process) so the relay delivers every event")
     p.add_argument("--max-orders", type=int, default=None,
                    help="at most this many POSTs over the whole benchmark, warm-up included, counted as they are "
                         "sent (so no order beyond it can be created); required with --url")
@@ -247,6 +249,8 @@ def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: conte
     source = stack.export_source(args.ref, folder / "code") if args.ref else None
     env = stack.service_env(backends, stack.new_secret(), source=source)
     env.update(dict(item.split("=", 1) for item in args.env))
+    if args.webhook:
+        env["PREORDER_WEBHOOK_ALLOW_PRIVATE"] = "true"  # the receiver listens on 127.0.0.1
     stack.migrate(env)
     say(f"PostgreSQL and Redis ready ({'embedded' if backends.embedded else 'from the environment'}), migrated")
     code = _code_version(args.ref)  # read as the servers import the code: the working tree may change later
@@ -265,6 +269,12 @@ def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: conte
         servers["workers2"] = servers["flash2"] = two
         say(f"service with {WORKERS2} workers up: pid {two[0].pid} at {two[1]} "
             f"on cores {','.join(map(str, sorted(cores)))}")
+    if args.webhook:
+        receiver = webhook.Receiver().start()
+        started.callback(lambda: say(f"webhook receiver: {receiver.deliveries:,} deliveries"))
+        started.callback(receiver.stop)
+        endpoint = webhook.register(service[1], env["PREORDER_JWT_SECRET"], receiver.url)
+        say(f"webhook endpoint {endpoint} -> {receiver.url}: the relay delivers every event")
     seed = stack.seed(service[1], folder=folder, secret=env["PREORDER_JWT_SECRET"], users=args.users,
                       spread=args.spread_products)
     say(f"seeded {len(seed.all_products):,} products and {args.users:,} customer tokens")
