@@ -205,3 +205,21 @@ async def test_an_unexpected_error_is_a_500_problem_with_the_request_id_and_logg
     logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     errors = [x for x in logged if x.get("request_id") == "bug-1" and x.get("level") == "error"]
     assert errors and "RuntimeError: secret internals" in errors[0]["exception"]
+
+
+async def test_metrics_off_records_nothing_and_on_again_records(settings, db, redis):
+    """PREORDER_METRICS=false (for measuring what recording costs): the same traffic changes no metric."""
+    off = Settings(**{**settings.model_dump(), "metrics": False})
+    async with serving(off) as client:
+        await make_product(client, total_stock=5)
+        before = await scrape(client)
+        assert (await client.post("/api/preorder", json=ONE, headers=ME)).status_code == 201
+        assert (await client.post("/api/preorder", json={**ONE, "product_id": "NOPE"}, headers=ME)).status_code == 404
+        after = await scrape(client)
+    changed = {key for key in after if after[key] != before.get(key, 0.0) and key[0].startswith(("preorder_", "http_"))}
+    assert not {k for k in changed if not k[0].startswith("preorder_stock_")}, changed  # stock gauges are read live
+    async with serving(settings) as client:  # a service with metrics on records again
+        before = await scrape(client)
+        assert (await client.post("/api/preorder", json=ONE, headers=bearer("U-obs-2"))).status_code == 201
+        after = await scrape(client)
+    assert value(after, "preorder_orders_created_total") - value(before, "preorder_orders_created_total") == 1

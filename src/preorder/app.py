@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings = settings or get_settings()
+    metrics.record(settings.metrics)
     app.state.tracer_provider = _trace(app)
     logs.configure(settings.log_format,
                    extra=(tracing.add_trace_ids,) if app.state.tracer_provider is not None else ())

@@ -7,6 +7,7 @@ scrape sums them, so this module must be imported after that variable is set, i.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from functools import cache
@@ -69,6 +70,35 @@ REDIS_BEHIND = Counter(
 BACKGROUND_FAILURES = Counter("preorder_background_round_failures_total", "Background rounds that failed")
 
 STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class Off:
+    """A metric while recording is off (PREORDER_METRICS=false): every update does nothing. For measuring what
+    recording costs (README "Performance"), and for an operator who scrapes nothing."""
+
+    def labels(self, *_: object) -> Off:
+        return self
+
+    def inc(self, *_: object) -> None:
+        pass
+
+    dec = set = observe = inc
+
+    def track_inprogress(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+
+_RECORDED = {name: value for name, value in globals().items() if isinstance(value, Counter | Gauge | Histogram)}
+
+
+def record(on: bool) -> None:
+    """Record the service's metrics in this process, or not: every module-level metric becomes an Off (and back),
+    so the code that updates them (`metrics.NAME.inc()`) needs no test of its own. /metrics still answers."""
+    off = Off()
+    for name, metric in _RECORDED.items():
+        globals()[name] = metric if on else off
+    for lookup in (refused, status_changed, side_effect_failed):
+        lookup.cache_clear()
 
 
 @cache

@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     log_format: Literal["json", "console"] = "json"
     access_log: bool = True
+    metrics: bool = Field(default=True, description="record Prometheus metrics (off only to measure their cost)")
     # SIGTERM: in-flight requests get up to half of this to finish, the order writes, workers and pools the rest.
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
 

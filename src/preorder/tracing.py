@@ -60,6 +60,16 @@ def instrument(app: FastAPI, provider: TracerProvider) -> None:
     for instrumentor in (AsyncPGInstrumentor(), RedisInstrumentor()):  # type: ignore[no-untyped-call]
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=provider)
+    _state["clients"] = True
+
+
+def clients_traced() -> bool:
+    """Whether redis-py and asyncpg are instrumented in this process: code that talks to Redis below redis-py's
+    commands (stock/batching.py) then goes through them, so their spans exist."""
+    return _state["clients"]
+
+
+_state = {"clients": False}
 
 
 def uninstrument() -> None:
@@ -68,6 +78,7 @@ def uninstrument() -> None:
 
     AsyncPGInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
     RedisInstrumentor().uninstrument()
+    _state["clients"] = False
 
 
 def add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
-from preorder import metrics
+from preorder import metrics, tracing
 from preorder.cache import RedisClient
 
 Head = tuple[tuple[str, ...], tuple[Any, ...]]  # the keys and arguments every ask of one call shares
@@ -107,8 +107,9 @@ class ScriptBatcher:
         return results
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        if not isinstance(self._redis, RedisCluster):
-            return await self._direct(self._redis, batch)
+        # With traces on, every call goes through redis-py, whose instrumentation makes the Redis spans.
+        if not isinstance(self._redis, RedisCluster) and not tracing.clients_traced():
+            return await self._write_direct(self._redis, batch)
         if len(batch) == 1:  # the hot product alone: no pipeline object needed
             call = batch[0]
             try:
@@ -123,7 +124,7 @@ class ScriptBatcher:
             pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def _direct(self, redis: Redis, batch: list[_Call]) -> list[Any]:
+    async def _write_direct(self, redis: Redis, batch: list[_Call]) -> list[Any]:
         """The calls written at once on one pooled connection and their replies read in order: what redis-py's
         pipeline does, without its per-command bookkeeping (measured: about half its CPU on the create path).
         A connection found broken while writing ran nothing, so the batch goes again through redis-py's
