@@ -6,7 +6,8 @@ which answers each order exactly. Real PostgreSQL, a second connection playing t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -42,47 +43,48 @@ async def waiting_for_a_lock(db: asyncpg.Connection, writer: asyncpg.Connection)
     assert event == "Lock", f"the batch is not waiting for the product lock yet ({event})"
 
 
-async def test_a_loader_committing_while_a_batch_waits_for_the_lock_fences_the_batch(client, db, other, settings):
-    await make_product(client, total_stock=10)
-    epoch = await epoch_of(db, "P1001")
-    writer = await asyncpg.connect(asyncpg_dsn(settings.database_url))
-    try:
-        loader = other.transaction()
-        await loader.start()
-        await other.execute("SELECT 1 FROM products WHERE id = 'P1001' FOR UPDATE")  # a loader holds the row
-        batch = orders("P1001", epoch, 3)
+@pytest.fixture
+async def writer(settings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+    yield conn
+    await conn.close()
+
+
+async def written_behind_a_lock(db: asyncpg.Connection, holder: asyncpg.Connection, writer: asyncpg.Connection,
+                                batch: list[repo.NewOrder], lock: str,
+                                meanwhile: Callable[[], Awaitable[None]]) -> dict[uuid.UUID, repo.Written]:
+    """`holder` locks P1001 (`lock`), the batch starts and waits for that lock at its statement's end, `meanwhile`
+    runs inside the holder's transaction, the holder commits: what the batch wrote."""
+    async with holder.transaction():
+        await holder.execute(f"SELECT 1 FROM products WHERE id = 'P1001' {lock}")
         writing = asyncio.create_task(repo.insert_many(writer, batch))
         await eventually(lambda: waiting_for_a_lock(db, writer), within=10)
+        await meanwhile()
+    return await asyncio.wait_for(writing, 10)
+
+
+async def test_a_loader_committing_while_a_batch_waits_for_the_lock_fences_the_batch(client, db, other, writer):
+    await make_product(client, total_stock=10)
+    batch = orders("P1001", await epoch_of(db, "P1001"), 3)
+
+    async def rebuild() -> None:  # the loader bumps the epoch
         await other.execute("UPDATE products SET stock_epoch = stock_epoch + 1 WHERE id = 'P1001'")
-        await loader.commit()
-        written = await asyncio.wait_for(writing, 10)
-    finally:
-        await writer.close()
+
+    written = await written_behind_a_lock(db, other, writer, batch, "FOR UPDATE", rebuild)
     assert set(written.values()) == {repo.Refused.FENCED}
     assert await db.fetchval("SELECT count(*) FROM orders") == 0
     assert await db.fetchval("SELECT sold FROM products WHERE id = 'P1001'") == 0
 
 
-async def test_a_deadline_passing_while_a_batch_waits_for_the_lock_fences_the_batch(client, db, other, settings):
+async def test_a_deadline_passing_while_a_batch_waits_for_the_lock_fences_the_batch(client, db, other, writer):
     await make_product(client, total_stock=10)
-    epoch = await epoch_of(db, "P1001")
-    writer = await asyncpg.connect(asyncpg_dsn(settings.database_url))
-    try:
-        holder = other.transaction()
-        await holder.start()
-        await other.execute("SELECT 1 FROM products WHERE id = 'P1001' FOR NO KEY UPDATE")
-        batch = orders("P1001", epoch, 2, deadline_s=1.0)
-        writing = asyncio.create_task(repo.insert_many(writer, batch))
-        await eventually(lambda: waiting_for_a_lock(db, writer), within=10)
+    batch = orders("P1001", await epoch_of(db, "P1001"), 2, deadline_s=1.0)
 
-        async def deadline_passed() -> None:
-            assert await db.fetchval("SELECT clock_timestamp() > $1::timestamptz", batch[0].deadline)
+    async def deadline_passed() -> None:  # the epoch does not move: only the deadline refuses
+        assert await db.fetchval("SELECT clock_timestamp() > $1::timestamptz", batch[0].deadline)
 
-        await eventually(deadline_passed, within=10)
-        await holder.commit()  # the epoch did not move: only the deadline refuses
-        written = await asyncio.wait_for(writing, 10)
-    finally:
-        await writer.close()
+    written = await written_behind_a_lock(db, other, writer, batch, "FOR NO KEY UPDATE",
+                                          lambda: eventually(deadline_passed, within=10))
     assert set(written.values()) == {repo.Refused.FENCED}
     assert await db.fetchval("SELECT count(*) FROM orders") == 0
 
