@@ -23,6 +23,7 @@ from tests.conftest import ADMIN, SECRET, bearer
 from tests.invariants import record_created
 
 T = TypeVar("T")
+KEEPALIVE_EXPIRY_S = 2.0  # under uvicorn's keep-alive timeout (5 s)
 PREORDER = Path(sys.executable).with_name("preorder")
 
 # Short enough that orphan holds age out within a test, long enough that a busy 2-core machine rarely
@@ -135,7 +136,10 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=kw.pop("max_connections", 100), max_keepalive_connections=100)
+        # An idle connection is dropped by the client before the server's keep-alive timeout (uvicorn's 5 s) can
+        # close it: otherwise a request sent on it as the server closes it dies unanswered (status 0).
+        limits = httpx.Limits(max_connections=kw.pop("max_connections", 100), max_keepalive_connections=100,
+                              keepalive_expiry=KEEPALIVE_EXPIRY_S)
         return httpx.AsyncClient(base_url=self.url, timeout=kw.pop("timeout", 30), limits=limits,
                                  event_hooks={"response": [record_created]}, **kw)
 
@@ -305,8 +309,8 @@ async def create_order(client: httpx.AsyncClient, traffic: Traffic, *, product_i
         r = await client.post("/api/preorder", json={"product_id": product_id, "quantity": quantity},
                               headers=USERS[user % len(USERS)])
         answer = Answer(r.status_code, time.monotonic() - started, _json(r), r.headers, started)
-    except httpx.TransportError:
-        answer = Answer(0, time.monotonic() - started, None, None, started)
+    except httpx.TransportError as exc:  # the body says which failure it was, for the assertion's message
+        answer = Answer(0, time.monotonic() - started, {"transport_error": repr(exc)}, None, started)
     await traffic.record(answer)
     return answer
 
