@@ -97,7 +97,7 @@ def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": "test", "database_url": db_url, "redis_url": redis_url, "jwt_secret": SECRET,
         "workers_enabled": False, "rate_limit_per_user": 10_000, "rate_limit_per_client": 100_000,
-        "relay_enabled": False, "webhook_allow_private": True,
+        "relay_enabled": False, "relay_process": False, "webhook_allow_private": True,  # in-process: no `serve`
         "customer_rate_limit": 100_000, "address_rate_limit": 1_000_000, "max_unpaid_per_customer": 1_000_000,
     }
     values.update(overrides)

@@ -18,7 +18,7 @@ from fastapi_offline import FastAPIOffline
 from preorder import __version__, cache, db, errors, logs, metrics, tracing
 from preorder.audit.router import router as audit_router
 from preorder.auth import TokenVerifier
-from preorder.events.relay import Relay
+from preorder.events.relay import LagWatch, Relay
 from preorder.events.router import declare_webhooks
 from preorder.events.router import router as events_router
 from preorder.events.service import Events
@@ -48,7 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.orders = Orders(pool=pool, redis=redis, stock=stock, settings=settings)
     app.state.verifier = TokenVerifier(settings)
     app.state.events = Events(pool=pool, settings=settings)
-    app.state.relay = Relay(pool=pool, settings=settings) if settings.relay_enabled else None
+    app.state.relay = _relay(pool, settings)
     if settings.env != "test":
         _tune_gc()
     tasks = [asyncio.create_task(run_forever(app.state.orders))] if settings.workers_enabled else []
@@ -83,6 +83,13 @@ async def _shut_down(app: FastAPI, tasks: list[asyncio.Task[None]], *, budget_s:
             app.state.tracer_provider.shutdown()
         metrics.mark_process_dead(os.getpid())
         log.info("stopped")
+
+
+def _relay(pool: db.PgPool, settings: Settings) -> LagWatch | None:
+    """The relay in this process, or (it runs in a process of its own) only its lag, for /readyz and /metrics."""
+    if not settings.relay_enabled:
+        return None
+    return LagWatch(pool) if settings.relay_process else Relay(pool=pool, settings=settings)
 
 
 def _tune_gc() -> None:

@@ -1,4 +1,4 @@
-"""The `preorder` command: dev, serve, migrate, reconcile, token, events."""
+"""The `preorder` command: dev, serve, relay, migrate, reconcile, token, events."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--log-format", choices=["json", "console"], default=None,
                        help="default: PREORDER_LOG_FORMAT, else json")
+    sub.add_parser("relay", help="only the events relay (serve runs one beside its workers unless "
+                                 "PREORDER_RELAY_PROCESS=false)")
     sub.add_parser("migrate", help="apply schema migrations to PREORDER_DATABASE_URL")
     rec = sub.add_parser("reconcile", help="compare Redis with PostgreSQL for every product")
     rec.add_argument("--fix", action="store_true", help="settle holds and rebuild drifted products")
@@ -72,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn stops gracefully on SIGTERM, then raises the signal again for its default action (death by signal,
     # exit status 143). A stop that completed gracefully is a success: with this handler in place it exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    with _metrics_dir(args.workers):
+    with _metrics_dir(args.workers), _relay_beside(settings):
         port = settings.port if args.port is None else args.port
         uvicorn.run("preorder.app:create_app", factory=True, host=args.host, port=port, workers=args.workers,
                     loop="uvloop", http="httptools", access_log=False, log_config=None,
@@ -95,6 +97,32 @@ def _metrics_dir(workers: int) -> Iterator[None]:
             yield
         finally:
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+@contextlib.contextmanager
+def _relay_beside(settings: Settings) -> Iterator[None]:
+    """The events relay in a process of its own, started before the workers and stopped after them."""
+    if not (settings.relay_enabled and settings.relay_process):
+        yield
+        return
+    from preorder.events.process import RelayBeside
+
+    relay = RelayBeside()
+    relay.start()
+    try:
+        yield
+    finally:
+        relay.stop(timeout_s=max(1.0, settings.shutdown_timeout_s / 2))
+
+
+def _relay(_: argparse.Namespace) -> int:
+    from preorder.events.process import run
+
+    settings = Settings()
+    if not settings.relay_enabled:
+        print("PREORDER_RELAY_ENABLED is false: nothing to relay", file=sys.stderr)
+        return 2
+    return run(settings)
 
 
 def _migrate(_: argparse.Namespace) -> int:
@@ -165,8 +193,8 @@ def _positive(value: str) -> int:
     return int(value)
 
 
-_COMMANDS = {"dev": _dev, "serve": _serve, "migrate": _migrate, "reconcile": _reconcile, "token": _token,
-             "events": _events}
+_COMMANDS = {"dev": _dev, "serve": _serve, "relay": _relay, "migrate": _migrate, "reconcile": _reconcile,
+             "token": _token, "events": _events}
 
 
 def dev_secret(folder: Path) -> str:

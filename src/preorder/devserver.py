@@ -30,7 +30,8 @@ def run_dev(*, port: int) -> int:
         migrations.upgrade(db_url)
         # Webhook endpoints on this machine (a receiver you run next to it) are what development needs.
         settings = Settings(env="dev", database_url=db_url, redis_url=redis_url, nats_url=nats_url,
-                            jwt_secret=configured.jwt_secret or dev_secret(root), webhook_allow_private=True)
+                            jwt_secret=configured.jwt_secret or dev_secret(root), webhook_allow_private=True,
+                            relay_process=False)  # one process: the relay runs inside it
         asyncio.run(_seed(settings))
         _print_welcome(settings, port)
         uvicorn.run(create_app(settings), host="127.0.0.1", port=port, loop="uvloop", access_log=False,

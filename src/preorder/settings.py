@@ -77,8 +77,12 @@ class Settings(BaseSettings):
     reconcile_full_interval_s: float = Field(default=900.0, gt=0)
     workers_enabled: bool = True
 
-    # Events out (events/): the relay runs in every process; NATS JetStream is a sink when its URL is set.
+    # Events out (events/): NATS JetStream is a sink when its URL is set. `preorder serve` runs the relay in a
+    # process of its own beside the web workers, at a lower CPU priority, so deliveries take only the CPU orders
+    # leave (a webhook delivery costs more CPU than the create that caused it); relay_process=false runs it inside
+    # each web worker instead (what `preorder dev` and an app served by another command do).
     relay_enabled: bool = True
+    relay_process: bool = Field(default=True, description="`preorder serve` relays in a process of its own")
     nats_url: str = ""
     events_source: str = Field(default="/preorder", min_length=1, description="CloudEvents `source` of every event")
     relay_interval_s: float = Field(default=0.2, gt=0, description="pause between relay rounds when idle")

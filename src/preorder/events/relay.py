@@ -1,5 +1,7 @@
-"""The relay each app process runs: queue new events for every sink, send what is due, record the outcome,
-retry failures with backoff, purge old bookkeeping, and keep the lag gauge current."""
+"""The relay: queue new events for every sink, send what is due, record the outcome, retry failures with
+backoff, purge old bookkeeping, and keep the lag gauge current. `preorder serve` runs it in a process of its own
+(run_process, at a lower CPU priority than the web workers); with relay_process=false each web worker runs it.
+Several relays at once are safe: they claim disjoint work (SKIP LOCKED)."""
 
 from __future__ import annotations
 
@@ -30,10 +32,31 @@ _WEBHOOK_CONCURRENCY = 64
 _HOUSEKEEPING_S = 1.0
 
 
-class Relay:
-    def __init__(self, *, pool: PgPool, settings: Settings) -> None:
-        self.pool, self.settings = pool, settings
+class LagWatch:
+    """The relay's lag, read from PostgreSQL: what a web worker shows (/readyz, /metrics) when the relay runs in
+    another process."""
+
+    def __init__(self, pool: PgPool) -> None:
+        self.pool = pool
         self.lag_s = 0.0
+
+    async def update(self) -> None:
+        self.lag_s = await repo.lag_seconds(self.pool)
+        LAG.set(self.lag_s)
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.update()
+            except Exception as exc:  # PostgreSQL is down: /readyz says so on its own
+                log.debug("relay lag not read: %r", exc)
+            await asyncio.sleep(_HOUSEKEEPING_S)
+
+
+class Relay(LagWatch):
+    def __init__(self, *, pool: PgPool, settings: Settings) -> None:
+        super().__init__(pool)
+        self.settings = settings
         self._nats = _nats_sink(settings.nats_url) if settings.nats_url else None
         self._webhooks = WebhookSender(timeout_s=settings.webhook_timeout_s,
                                        allow_private=settings.webhook_allow_private,
@@ -104,8 +127,7 @@ class Relay:
         return len(claimed) == _WEBHOOK_CONCURRENCY
 
     async def housekeeping(self) -> bool:
-        self.lag_s = await repo.lag_seconds(self.pool)
-        LAG.set(self.lag_s)
+        await self.update()
         await repo.purge(self.pool, retention_s=self.settings.events_retention_s, limit=1000)
         await asyncio.sleep(_HOUSEKEEPING_S)
         return False

@@ -1,0 +1,117 @@
+"""The relay as a process of its own: `preorder relay`, and the one `preorder serve` keeps beside its web workers.
+
+A webhook delivery costs the relay more CPU than the create that caused it (an HTTP request out, a signature,
+its bookkeeping). Inside a web worker, deliveries and orders shared one event loop at equal priority, and one
+endpoint halved the creates a core answered. Beside the workers, at a lower CPU priority (nice +10), the relay
+runs on the CPU the orders leave: during a burst it falls behind (the lag is in /metrics and /readyz) and it
+catches up after. Nothing is lost either way: every event waits in the outbox until every sink has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import uvloop
+
+from preorder import db, logs, metrics
+from preorder.events.relay import Relay
+from preorder.settings import Settings
+
+log = logging.getLogger("preorder.events")
+RELAY_NICE = 10  # CFS weight 110 against a web worker's 1024: about a tenth of a saturated core at most
+_RESTART_PAUSE_S = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+def run(settings: Settings) -> int:
+    """`preorder relay`: relay until SIGTERM or SIGINT, then stop between rounds (a send cut short is retried
+    after its lease, as after a crash)."""
+    logs.configure(settings.log_format)
+    metrics.record(settings.metrics)
+    return uvloop.run(_relay(settings))
+
+
+async def _relay(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    pool = await db.create_pool(settings)
+    relay = asyncio.create_task(Relay(pool=pool, settings=settings).run_forever())
+    log.info("relay started (pid %d)", os.getpid())
+    try:
+        await asyncio.wait([relay, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+        await pool.close()
+    log.info("relay stopped")
+    return 0
+
+
+class RelayBeside:
+    """The relay process `preorder serve` runs next to uvicorn: started at a lower priority, dying with its parent
+    (even one killed by SIGKILL: the kernel sends it SIGTERM), restarted if it dies while the server runs."""
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._watch = threading.Thread(target=self._keep_running, name="relay-beside", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._watch.start()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if not self._stopping.is_set():
+                parent = os.getpid()
+                self._process = subprocess.Popen([sys.executable, "-m", "preorder", "relay"],
+                                                 preexec_fn=lambda: _lower_priority_and_die_with(parent))
+
+    def _keep_running(self) -> None:
+        while not self._stopping.is_set():
+            process = self._process
+            assert process is not None
+            code = process.wait()
+            if self._stopping.wait(_RESTART_PAUSE_S):
+                return
+            log.error("the relay process exited (status %s): starting it again", code)
+            self._spawn()
+
+    def stop(self, *, timeout_s: float) -> None:
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("the relay process did not stop within %.0f s: killed", timeout_s)
+            process.kill()
+            process.wait()
+
+
+def _lower_priority_and_die_with(parent: int) -> None:
+    """Runs in the child between fork and exec."""
+    os.nice(RELAY_NICE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl: it would never be signalled
+        os._exit(1)
