@@ -2,9 +2,11 @@
 
 A webhook delivery costs the relay more CPU than the create that caused it (an HTTP request out, a signature,
 its bookkeeping). Inside a web worker, deliveries and orders shared one event loop at equal priority, and one
-endpoint halved the creates a core answered. Beside the workers, at a lower CPU priority (nice +10), the relay
-runs on the CPU the orders leave: during a burst it falls behind (the lag is in /metrics and /readyz) and it
-catches up after. Nothing is lost either way: every event waits in the outbox until every sink has it.
+endpoint halved the creates a core answered. Beside the workers, in the kernel's idle scheduling class
+(SCHED_IDLE: a web worker that wakes takes the CPU from it at once), the relay runs on the CPU the orders leave.
+At nice +10 instead, it still took a third of a core a saturated worker wanted. During a burst the relay falls
+behind (the lag is in /metrics and /readyz) and it catches up after. Nothing is lost either way: every event
+waits in the outbox until every sink has it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from preorder.events.relay import Relay
 from preorder.settings import Settings
 
 log = logging.getLogger("preorder.events")
-RELAY_NICE = 10  # CFS weight 110 against a web worker's 1024: about a tenth of a saturated core at most
+RELAY_NICE = 10  # where SCHED_IDLE is refused: CFS weight 110 against a web worker's 1024
 _RESTART_PAUSE_S = 1.0
 _PR_SET_PDEATHSIG = 1
 
@@ -111,6 +113,8 @@ class RelayBeside:
 def _lower_priority_and_die_with(parent: int) -> None:
     """Runs in the child between fork and exec."""
     os.nice(RELAY_NICE)
+    with contextlib.suppress(OSError):  # a seccomp profile may refuse it: nice alone then
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl: it would never be signalled

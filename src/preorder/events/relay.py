@@ -169,8 +169,7 @@ class Relay(LagWatch):
     async def _record(self, outcomes: list[repo.Outcome]) -> None:
         if not outcomes:
             return
-        async with self.pool.acquire() as conn:
-            await repo.record(conn, outcomes, disable_after_s=self.settings.webhook_disable_after_s)
+        await repo.record(self.pool, outcomes, disable_after_s=self.settings.webhook_disable_after_s)
 
     async def close(self) -> None:
         await self._webhooks.close()

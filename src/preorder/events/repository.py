@@ -87,42 +87,43 @@ class Outcome:
     error: str | None = None
 
 
+# One statement: the outcomes and each webhook endpoint's health. A relay in the idle scheduling class may wait
+# long for the CPU between two statements, and must hold no lock meanwhile (an admin's PATCH of the endpoint).
+# Health: any success clears the endpoint's failing mark; one that has failed since longer than the bound is
+# disabled (its pending deliveries then wait for an admin to resume it).
 _RECORD = """
-UPDATE event_deliveries d SET
-    status = CASE WHEN r.ok THEN 'delivered'
-                  WHEN now() + make_interval(secs => r.delay) > d.give_up_at THEN 'failed' ELSE 'pending' END,
-    finished_at = CASE WHEN r.ok OR now() + make_interval(secs => r.delay) > d.give_up_at THEN now() END,
-    next_attempt_at = CASE WHEN r.ok THEN d.next_attempt_at ELSE now() + make_interval(secs => r.delay) END,
-    response_code = r.code, latency_ms = r.latency, last_error = r.error
-FROM unnest($1::bigint[], $2::bool[], $3::int[], $4::int[], $5::text[], $6::float8[])
-    AS r(id, ok, code, latency, error, delay)
-WHERE d.id = r.id
-"""
-
-# A webhook endpoint's health: any success clears its failing mark; one that has failed since longer than the
-# bound is disabled (its pending deliveries then wait for an admin to resume it).
-_SINK_HEALTH = """
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::bool[], $3::int[], $4::int[], $5::text[], $6::float8[], $7::uuid[])
+        AS r(id, ok, code, latency, error, delay, sink)
+), delivered AS (
+    UPDATE event_deliveries d SET
+        status = CASE WHEN r.ok THEN 'delivered'
+                      WHEN now() + make_interval(secs => r.delay) > d.give_up_at THEN 'failed' ELSE 'pending' END,
+        finished_at = CASE WHEN r.ok OR now() + make_interval(secs => r.delay) > d.give_up_at THEN now() END,
+        next_attempt_at = CASE WHEN r.ok THEN d.next_attempt_at ELSE now() + make_interval(secs => r.delay) END,
+        response_code = r.code, latency_ms = r.latency, last_error = r.error
+    FROM r WHERE d.id = r.id
+)
 UPDATE event_sinks s SET
-    failing_since = CASE WHEN r.ok THEN NULL ELSE COALESCE(s.failing_since, now()) END,
-    status = CASE WHEN NOT r.ok AND s.status = 'active'
-                       AND s.failing_since < now() - make_interval(secs => $3::float8) THEN 'disabled'
+    failing_since = CASE WHEN h.ok THEN NULL ELSE COALESCE(s.failing_since, now()) END,
+    status = CASE WHEN NOT h.ok AND s.status = 'active'
+                       AND s.failing_since < now() - make_interval(secs => $8::float8) THEN 'disabled'
                   ELSE s.status END,
     updated_at = now()
-FROM (SELECT sink, bool_or(ok) AS ok FROM unnest($1::uuid[], $2::bool[]) AS t(sink, ok) GROUP BY sink) r
-WHERE s.id = r.sink AND s.kind = 'webhook'
+FROM (SELECT sink, bool_or(ok) AS ok FROM r GROUP BY sink) h
+WHERE s.id = h.sink AND s.kind = 'webhook'
 """
 
 
-async def record(conn: PgConn, outcomes: Sequence[Outcome], *, disable_after_s: float) -> None:
+async def record(conn: PoolOrConn, outcomes: Sequence[Outcome], *, disable_after_s: float) -> None:
     if not outcomes:
         return
-    async with conn.transaction():
-        await conn.execute(
-            _RECORD,
-            [o.delivery_id for o in outcomes], [o.ok for o in outcomes], [o.response_code for o in outcomes],
-            [o.latency_ms for o in outcomes], [o.error for o in outcomes], [o.retry_in_s for o in outcomes],
-        )
-        await conn.execute(_SINK_HEALTH, [o.sink_id for o in outcomes], [o.ok for o in outcomes], disable_after_s)
+    await conn.execute(
+        _RECORD,
+        [o.delivery_id for o in outcomes], [o.ok for o in outcomes], [o.response_code for o in outcomes],
+        [o.latency_ms for o in outcomes], [o.error for o in outcomes], [o.retry_in_s for o in outcomes],
+        [o.sink_id for o in outcomes], disable_after_s,
+    )
 
 
 async def lag_seconds(conn: PoolOrConn) -> float:
