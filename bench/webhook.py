@@ -47,6 +47,11 @@ class Receiver:
         with contextlib.suppress(RuntimeError):
             loop.run_forever()
         server.close()
+        connections = asyncio.all_tasks(loop)  # the relay's kept-alive connections, each waiting for a request
+        for task in connections:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*connections, return_exceptions=True))
+        loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import httpx
 import nats
 import orjson
 import uvicorn
@@ -16,6 +17,7 @@ from nats.js.errors import NotFoundError
 from standardwebhooks import Webhook
 
 from preorder.embedded import free_port
+from tests.conftest import ADMIN
 
 Mode = Literal["ok", "fail", "hang"]
 
@@ -131,3 +133,12 @@ async def purge_stream(nats_url: str) -> None:
             await nc.jetstream().delete_stream("PREORDER")
     finally:
         await nc.close()
+
+
+async def endpoint(client: httpx.AsyncClient, receiver: Receiver, name: str, **body: Any) -> dict[str, Any]:
+    """A webhook endpoint registered for the receiver's path `name`, its secret given to the receiver."""
+    r = await client.post("/api/webhooks", json={"url": receiver.url(name), **body}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    created = dict(r.json())
+    receiver.secrets[name] = created["secret"]
+    return created

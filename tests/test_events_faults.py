@@ -21,8 +21,7 @@ import redis.asyncio as aioredis
 
 from preorder.embedded import EmbeddedNats, EmbeddedRedis
 from preorder.settings import Settings
-from tests.conftest import ADMIN
-from tests.events_peers import Receiver, receiving, stream_events
+from tests.events_peers import Receiver, endpoint, receiving, stream_events
 from tests.harness import USERS, PgProxy, Server, eventually, new_product, server_env
 from tests.invariants import assert_events_delivered
 
@@ -69,9 +68,7 @@ async def stack(settings: Settings, db: asyncpg.Connection, tmp_path: Path,
         async with receiving(hang_s=3) as receiver:
             await server.start()
             async with server.client(timeout=10) as client:
-                r = await client.post("/api/webhooks", json={"url": receiver.url("shop")}, headers=ADMIN)
-                assert r.status_code == 201, r.text
-                receiver.secrets["shop"] = r.json()["secret"]
+                await endpoint(client, receiver, "shop")
                 await new_product(client, "HOT", total_stock=1_000_000)
                 yield Stack(server, nats, redis, proxy, receiver, client)
     finally:

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from preorder.settings import Settings
 from tests.conftest import ADMIN, bearer, make_product, make_settings, serving
-from tests.events_peers import Receiver, purge_stream, receiving, stream_events
+from tests.events_peers import Receiver, endpoint, purge_stream, receiving, stream_events
 from tests.harness import eventually
 from tests.invariants import assert_events_delivered
 
@@ -34,14 +34,6 @@ async def receiver(redis: aioredis.Redis) -> AsyncIterator[Receiver]:
 
 def relay_settings(settings: Settings, **overrides: Any) -> Settings:
     return make_settings(settings.database_url, settings.redis_url, **{**FAST, **overrides})
-
-
-async def endpoint(client: httpx.AsyncClient, receiver: Receiver, name: str, **body: Any) -> dict[str, Any]:
-    r = await client.post("/api/webhooks", json={"url": receiver.url(name), **body}, headers=ADMIN)
-    assert r.status_code == 201, r.text
-    created = dict(r.json())
-    receiver.secrets[name] = created["secret"]
-    return created
 
 
 async def orders_with_history(client: httpx.AsyncClient, count: int, *, batch: str = "") -> list[str]:

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from preorder.events.process import RELAY_NICE
-from tests.conftest import ADMIN, bearer
-from tests.events_peers import Receiver, receiving
+from tests.conftest import bearer
+from tests.events_peers import Receiver, endpoint, receiving
 from tests.harness import Server, eventually, new_product, server_env
 from tests.test_events_faults import RELAY_TIMINGS
 
@@ -75,9 +75,7 @@ async def relaying(tmp_path: Path, settings, db, redis) -> AsyncIterator[tuple[S
         async with receiving() as receiver:
             await server.start()
             async with server.client(timeout=10) as client:
-                r = await client.post("/api/webhooks", json={"url": receiver.url("shop")}, headers=ADMIN)
-                assert r.status_code == 201, r.text
-                receiver.secrets["shop"] = r.json()["secret"]
+                await endpoint(client, receiver, "shop")
                 await new_product(client, "HOT", total_stock=1_000)
                 yield server, client, receiver
     finally:
