@@ -56,6 +56,7 @@ async def _relay(settings: Settings) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await relay
         await pool.close()
+        metrics.mark_process_dead(os.getpid())  # with several workers: its gauges leave the scrape's sums
     log.info("relay stopped")
     return 0
 

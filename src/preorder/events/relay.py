@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from preorder.events.nats_sink import NatsSink
 
 log = logging.getLogger("preorder.events")
-LAG = Gauge("preorder_events_relay_lag_seconds", "Age of the oldest event not yet received by every active sink")
+# Every process reads the same lag from PostgreSQL: with several workers the scrape shows the largest of the live ones.
+LAG = Gauge("preorder_events_relay_lag_seconds", "Age of the oldest event not yet received by every active sink",
+            multiprocess_mode="livemax")
 # The broker is ours and a retry costs it nothing: its backoff stays short, so events flow soon after it is back.
 _NATS_BACKOFF_MAX_S = 5.0
 _WEBHOOK_CONCURRENCY = 64
