@@ -54,6 +54,8 @@ class Receiver:
         body = b""
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":  # the sender died mid-request (kill -9): nothing arrived
+                return
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,18 +116,12 @@ async def _events_at_least(db: asyncpg.Connection, n: int) -> None:
     assert await db.fetchval("SELECT count(*) FROM order_events") >= n
 
 
-async def assert_all_delivered(db: asyncpg.Connection, stack: Stack, *, forged_ok: bool = False) -> None:
+async def assert_all_delivered(db: asyncpg.Connection, stack: Stack) -> None:
     async def delivered() -> None:
         sinks = {"nats": await stream_events(stack.nats.url), "webhook": stack.receiver.events("shop")}
         await assert_events_delivered(db, sinks)
 
     await eventually(delivered, within=DELIVERED_WITHIN_S, interval=1)
-    if forged_ok and stack.receiver.forged:
-        # Seen once in four runs (2026-11-25) and not yet explained: around the kill -9 one request failed its
-        # signature check. It was answered 400 and the event was delivered again, signed (asserted above), so
-        # I7 holds; the open question is why the first one did not verify. Kept visible, not silent.
-        warnings.warn(f"unverified webhook requests around the kill: {stack.receiver.forged[:3]}", stacklevel=2)
-        return
     assert not stack.receiver.forged, stack.receiver.forged[:3]
     assert await db.fetchval("SELECT count(*) FROM order_events") > 100, "the traffic made events to relay"
 
@@ -141,7 +134,7 @@ async def test_kill_9_during_relay_then_restart_loses_no_event(db: asyncpg.Conne
         await stack.server.start()
         await eventually(lambda: _events_at_least(db, 600), within=30)
     assert pending is not None
-    await assert_all_delivered(db, stack, forged_ok=True)
+    await assert_all_delivered(db, stack)
 
 
 async def test_nats_down_for_a_while_then_back(db: asyncpg.Connection, stack: Stack) -> None:
