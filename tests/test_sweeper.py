@@ -138,3 +138,39 @@ async def test_cancel_that_loses_the_race_to_the_sweeper_answers_the_cancelled_o
     assert answer.status == "cancelled"
     assert (await client.get("/api/products/P1001")).json()["reserved"] == 0, "released once, by the sweeper"
     await assert_invariants(db, redis)
+
+
+async def test_a_payment_deadline_passing_on_thousands_of_orders_expires_them_all_in_one_round(client, db, redis, app):
+    """The sweeper's round (workers/loops.py) takes batch after batch until nothing is due: 2,500 orders past
+    their window are cancelled in one round of three statements, every unit goes back to the stock and every
+    customer's unpaid count to zero."""
+    n, customers = 2_500, 50
+    await make_product(client, total_stock=n * 2)
+    made = await _create_many(client, n, customers)
+    await db.execute("UPDATE orders SET pay_by = now() - interval '1 second'")
+    units = sum(o["quantity"] for o in made)
+    assert (await client.get("/api/products/P1001")).json()["reserved"] == units
+
+    orders: Orders = app.state.orders
+    assert await orders.stock.customers.unpaid("U-bulk0") > 0
+    assert await orders.expire_all_due(batch=1000) == n, "one round expired every due order"
+    assert await orders.expire_all_due(batch=1000) == 0
+
+    assert await db.fetchval("SELECT count(*) FROM orders WHERE status = 'cancelled'") == n
+    assert (await client.get("/api/products/P1001")).json()["reserved"] == 0
+    for c in range(customers):
+        assert await orders.stock.customers.unpaid(f"U-bulk{c}") == 0, f"customer {c}'s unpaid units given back"
+    await assert_invariants(db, redis, created=[o["order_id"] for o in made])
+
+
+async def _create_many(client: httpx.AsyncClient, n: int, customers: int) -> list[dict]:
+    gate = asyncio.Semaphore(32)
+
+    async def one(i: int) -> dict:
+        async with gate:
+            r = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1 + i % 2},
+                                  headers=bearer(f"U-bulk{i % customers}"))
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))

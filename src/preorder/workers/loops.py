@@ -18,7 +18,7 @@ log = logging.getLogger("preorder.workers")
 async def run_once(orders: Orders, reconciler: Reconciler | None, watch: RedisWatch | None = None) -> None:
     if watch is not None:
         await watch.check()  # first: a Redis that went back in time is rebuilt before anything reads it
-    expired = await orders.expire_due()
+    expired = await orders.expire_all_due()
     metrics.SWEEPER_RUNS.inc()
     if expired:
         log.info("cancelled %d unpaid orders past their payment window", expired)
