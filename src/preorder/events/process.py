@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import uvloop
 
@@ -82,9 +83,9 @@ class RelayBeside:
     def _spawn(self) -> None:
         with self._lock:
             if not self._stopping.is_set():
-                parent = os.getpid()
+                parent, prctl = os.getpid(), _prctl()
                 self._process = subprocess.Popen([sys.executable, "-m", "preorder", "relay"],
-                                                 preexec_fn=lambda: _lower_priority_and_die_with(parent))
+                                                 preexec_fn=lambda: _lower_priority_and_die_with(parent, prctl))
 
     def _keep_running(self) -> None:
         while not self._stopping.is_set():
@@ -111,12 +112,17 @@ class RelayBeside:
             process.wait()
 
 
-def _lower_priority_and_die_with(parent: int) -> None:
+def _prctl() -> Any:
+    """libc's prctl, looked up in the parent: between fork and exec the child must not dlopen (another thread of
+    the parent may have held the loader's lock at the fork)."""
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _lower_priority_and_die_with(parent: int, prctl: Any) -> None:
     """Runs in the child between fork and exec."""
     os.nice(RELAY_NICE)
     with contextlib.suppress(OSError):  # a seccomp profile may refuse it: nice alone then
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl: it would never be signalled
         os._exit(1)
