@@ -4,13 +4,19 @@ the sweeper's two deadlines. Time is moved with the service's clock, never slept
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from preorder.db import asyncpg_dsn
+from preorder.orders import repository as repo
 from tests.conftest import ADMIN, bearer, make_product
+from tests.harness import eventually
 from tests.invariants import assert_invariants
 
 U1 = bearer("U1")
@@ -304,3 +310,43 @@ async def test_another_customer_cannot_pay_or_see_payments(client, db):
     assert (await pay(client, order, "deposit", "DEP-1", who=other)).status_code == 404
     assert (await client.get(f"/api/preorder/{order['order_id']}/payments", headers=other)).status_code == 404
     assert await db.fetchval("SELECT count(*) FROM payments") == 0
+
+
+@pytest.mark.parametrize("payer", ["customer", "admin"])  # an admin's payment is a transaction (with its audit row)
+async def test_a_late_payment_racing_a_refund_paid_back_records_both_in_sequence(
+        client, db, redis, app, clock, settings, payer):
+    """Neither changes the order's status: the payment's statement waits for the order row the refund's
+    transaction holds, then numbers its events after the refund's (it used to reuse its sequence number and
+    answer 409 "reference already used")."""
+    await make_product(client, **plan(deposit_window_seconds=60))
+    order = await place(client)
+    clock.advance(61)
+    assert await app.state.orders.expire_due() == 1
+    first = (await pay(client, order, "deposit", "DEP-LATE")).json()
+    refund_id = first["refunds"][0]["refund_id"]
+    order_id = uuid.UUID(order["order_id"])
+
+    holder = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+    try:
+        async with holder.transaction():  # the admin's "refund paid back", not yet committed
+            assert await repo.refund_succeeded(holder, refund_id, order_id, provider_reference="RF-1",
+                                               actor="admin-1") is not None
+            paying = asyncio.create_task(pay(client, order, "deposit", "DEP-LATE-2",
+                                             who=ADMIN if payer == "admin" else U1))
+            await eventually(lambda: _a_statement_waits_for_a_lock(db), within=10)
+        second = await asyncio.wait_for(paying, 10)
+    finally:
+        await holder.close()
+
+    assert second.status_code == 201, second.text
+    assert second.json()["payment"]["outcome"] == "refunded"
+    events = await db.fetch("SELECT sequence, type FROM order_events WHERE order_id = $1 ORDER BY sequence",
+                            order_id)
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["type"] for e in events][-3:] == ["refund_succeeded", "payment_recorded", "refund_created"]
+    await assert_invariants(db, redis, created=[order["order_id"]])
+
+
+async def _a_statement_waits_for_a_lock(db: asyncpg.Connection) -> None:
+    waiting = await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    assert waiting >= 1, "the payment is not waiting for the order row yet"

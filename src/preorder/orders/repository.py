@@ -6,6 +6,7 @@ import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -16,7 +17,31 @@ PoolOrConn = PgPool | PgConn
 # Every event row is also the outbox entry (events/): its per-order sequence is the previous one + 1, read from
 # the unique (order_id, sequence) index in the same statement. Every change is conditional on the status its
 # snapshot saw, and a concurrent change alters that status, so a change that applies saw every earlier event.
+# A change that moves no status (a refund paid back, a late payment) does not fence a concurrent one that way: a
+# statement that waited for the order row while such a change committed read its sequence from an older snapshot.
+# The unique index refuses the duplicate, and the statement runs again (_numbered).
 _NEXT_SEQUENCE = "(SELECT COALESCE(max(sequence), 0) + 1 FROM order_events WHERE order_id = o.id)"
+SEQUENCE_INDEX = "order_events_order_seq_idx"
+_SEQUENCE_TRIES = 5
+
+
+async def _numbered(conn: PoolOrConn, fetch: str, sql: str, *args: Any) -> Any:
+    """conn.fetch or conn.fetchrow of a statement that writes an order's next event, again on a fresh snapshot
+    while its sequence number was taken meanwhile. Inside a transaction each try is a savepoint, so a refused one
+    leaves the transaction usable."""
+    tries = 0
+    while True:
+        try:
+            if not isinstance(conn, asyncpg.Pool) and conn.is_in_transaction():
+                async with conn.transaction():
+                    return await getattr(conn, fetch)(sql, *args)
+            return await getattr(conn, fetch)(sql, *args)
+        except asyncpg.UniqueViolationError as exc:
+            tries += 1
+            if exc.constraint_name != SEQUENCE_INDEX or tries == _SEQUENCE_TRIES:
+                raise
+
+
 _COLUMNS = (
     "id AS order_id, product_id, user_id, quantity, status, amount_due, currency, payment_reference, "
     "amount_paid, pay_by, created_at, updated_at, payment_plan, deposit_due, balance_due, balance_starts_at, "
@@ -274,8 +299,9 @@ SELECT {_COLUMNS} FROM o
 
 async def transition(conn: PoolOrConn, change: Change) -> asyncpg.Record | None:
     """None when the order was no longer in `frm` (someone else changed it first)."""
-    return await conn.fetchrow(
-        _TRANSITION, change.order_id, change.frm, change.to, change.actor, change.reason, change.cancelled_by,
+    return await _numbered(  # type: ignore[no-any-return]
+        conn, "fetchrow", _TRANSITION, change.order_id, change.frm, change.to, change.actor, change.reason,
+        change.cancelled_by,
     )
 
 
@@ -339,9 +365,9 @@ SELECT (SELECT id FROM pay) AS payment_id, (SELECT applied FROM c) AS applied
 
 async def pay(conn: PoolOrConn, payment: NewPayment, *, reason: str) -> asyncpg.Record:
     """payment_id None: nothing recorded (the order was not in `frm`, or changed since it was read)."""
-    row = await conn.fetchrow(
-        _PAY, payment.order_id, payment.kind, payment.reference, payment.amount, payment.currency, payment.actor,
-        payment.frm, payment.to, reason, payment.now, payment.seen, payment.late_ok,
+    row = await _numbered(
+        conn, "fetchrow", _PAY, payment.order_id, payment.kind, payment.reference, payment.amount, payment.currency,
+        payment.actor, payment.frm, payment.to, reason, payment.now, payment.seen, payment.late_ok,
     )
     assert row is not None
     return row  # type: ignore[no-any-return]
@@ -444,7 +470,7 @@ SELECT id, product_id, user_id, quantity FROM o
 
 async def expire_due(conn: PoolOrConn, *, limit: int, now: datetime) -> list[asyncpg.Record]:
     """Cancel pending orders past their payment (or deposit) window; SKIP LOCKED lets several sweepers share."""
-    return await conn.fetch(_EXPIRE, limit, now)
+    return await _numbered(conn, "fetch", _EXPIRE, limit, now)  # type: ignore[no-any-return]
 
 
 # Balance window closed on a deposit-paid order: forfeited, the deposit kept (no refund), the stock released.
@@ -467,7 +493,7 @@ SELECT id, product_id FROM o
 
 async def forfeit_due(conn: PoolOrConn, *, limit: int, now: datetime) -> list[asyncpg.Record]:
     """Forfeit deposit-paid orders whose balance window has closed."""
-    return await conn.fetch(_FORFEIT, limit, now)
+    return await _numbered(conn, "fetch", _FORFEIT, limit, now)  # type: ignore[no-any-return]
 
 
 async def purge_idempotency(conn: PoolOrConn, *, limit: int) -> int:
