@@ -31,6 +31,7 @@ from preorder.settings import Settings
 log = logging.getLogger("preorder.events")
 RELAY_NICE = 10  # where SCHED_IDLE is refused: CFS weight 110 against a web worker's 1024
 _RESTART_PAUSE_S = 1.0
+_POOL_CLOSE_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -56,7 +57,10 @@ async def _relay(settings: Settings) -> int:
         relay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay
-        await pool.close()
+        try:
+            await asyncio.wait_for(pool.close(), timeout=_POOL_CLOSE_S)
+        except TimeoutError:  # PostgreSQL is not answering: the connections go without their goodbye
+            pool.terminate()
         metrics.mark_process_dead(os.getpid())  # with several workers: its gauges leave the scrape's sums
     log.info("relay stopped")
     return 0
@@ -75,10 +79,6 @@ class RelayBeside:
     def start(self) -> None:
         self._spawn()
         self._watch.start()
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     def _spawn(self) -> None:
         with self._lock:
