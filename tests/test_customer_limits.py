@@ -18,7 +18,7 @@ from preorder.app import create_app
 from preorder.orders.service import Orders
 from preorder.stock.keys import customer_keys, product_keys
 from preorder.workers.unpaid import recount_unpaid
-from tests.conftest import ON_CLUSTER, asgi_client, bearer, make_product, make_settings
+from tests.conftest import asgi_client, bearer, make_product, make_settings
 from tests.invariants import assert_invariants
 
 PROBLEM = "application/problem+json"
@@ -167,11 +167,10 @@ async def test_the_recount_repairs_a_leaked_unpaid_count(app, client, db, redis:
     assert await recount_unpaid(orders) == 0, "nothing left to repair"
 
 
-@pytest.mark.skipif(ON_CLUSTER, reason="a cluster's give-backs go to their own nodes, one call each")
 async def test_a_sell_out_moment_gives_every_refused_customer_back_in_one_pipeline(client, db, redis, app):
     """300 creates at once for 10 units: the 290 refused ones each give their customer's unit back. Queued in
-    one loop turn they go in one pipeline on one connection; one call each took a pooled connection each, and on
-    a loaded machine some waited past the pool's bound and answered 503 instead of 409."""
+    one loop turn they go through the batcher, in one call (per cluster slot); one call each took a pooled
+    connection each, and on a loaded machine some waited past the pool's bound and answered 503 instead of 409."""
     await make_product(client, total_stock=10)
     opened_before = int((await redis.info("stats"))["total_connections_received"])
     answers = await asyncio.gather(*(_order(client, "P1001", bearer(f"S{i:03d}")) for i in range(300)))

@@ -41,8 +41,8 @@ class _Call:
 
 class ScriptBatcher:
     """Runs scripts whose KEYS and ARGV are a shared head followed by a fixed number of entries per ask, and
-    which answer with one reply per ask (reserve.lua, limits.lua). Asks of different scripts made in the same
-    loop turn share its pipeline: the customer's limits cost no round trip of their own."""
+    which answer with one reply per ask (reserve.lua, limits.lua, unpaid.lua's give-backs). Asks of different
+    scripts made in the same loop turn share its pipeline: the customer's limits cost no round trip of their own."""
 
     def __init__(self, redis: RedisClient, script: AsyncScript, *, max_asks: int = 128) -> None:
         self._redis, self._script, self._max_asks = redis, script, max_asks
@@ -83,10 +83,11 @@ class ScriptBatcher:
             results = await self._execute(batch)
         except Exception as exc:  # Redis unreachable: every caller gets the error (and answers 503)
             results = [exc] * len(batch)
-        metrics.RESERVE_SECONDS.observe(time.perf_counter() - started)
-        for call in batch:
-            if call.script is self._script:  # reserve.lua's calls; the customers' admissions share the pipeline
-                metrics.RESERVE_ASKS.observe(len(call.futures))
+        reserves = [call for call in batch if call.script is self._script]  # the others share its pipeline
+        if reserves:
+            metrics.RESERVE_SECONDS.observe(time.perf_counter() - started)
+        for call in reserves:
+            metrics.RESERVE_ASKS.observe(len(call.futures))
         for call, result in zip(batch, results, strict=True):
             for i, future in enumerate(call.futures):
                 if future.done():
