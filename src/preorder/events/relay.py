@@ -1,6 +1,6 @@
 """The relay: queue new events for every sink, send what is due, record the outcome, retry failures with
 backoff, purge old bookkeeping, and keep the lag gauge current. `preorder serve` runs it in a process of its own
-(run_process, at a lower CPU priority than the web workers); with relay_process=false each web worker runs it.
+(events/process.py, in the idle scheduling class); with relay_process=false each web worker runs it.
 Several relays at once are safe: they claim disjoint work (SKIP LOCKED)."""
 
 from __future__ import annotations
