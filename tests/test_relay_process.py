@@ -82,11 +82,11 @@ async def relaying(tmp_path: Path, settings, db, redis) -> AsyncIterator[tuple[S
         server.kill()
 
 
-async def test_serve_relays_from_an_idle_priority_process_started_again_if_it_dies(relaying):
+async def test_serve_relays_from_a_low_priority_process_started_again_if_it_dies(relaying):
     server, client, receiver = relaying
     assert server.process is not None
     relay = await _one_relay(server)
-    assert os.sched_getscheduler(relay) == os.SCHED_IDLE, "the relay only gets the CPU the workers leave"
+    assert os.sched_getscheduler(relay) == os.SCHED_OTHER, "never starved outright (SCHED_IDLE would be)"
     assert os.getpriority(os.PRIO_PROCESS, relay) - os.getpriority(os.PRIO_PROCESS, server.process.pid) == RELAY_NICE
     await _ordered_and_delivered(client, receiver)
 
