@@ -16,6 +16,7 @@ import pytest
 from preorder.db import asyncpg_dsn
 from preorder.ids import new_id
 from preorder.orders import repository as repo
+from preorder.orders.group_commit import GroupCommit
 from tests.conftest import make_product
 from tests.harness import eventually
 
@@ -119,3 +120,37 @@ async def test_concurrent_batches_over_the_same_products_in_any_order_do_not_dea
     sold = await db.fetch("SELECT id, sold FROM products WHERE id IN ('PA', 'PB', 'PC') ORDER BY id")
     assert [r["sold"] for r in sold] == [200, 200, 200]
     assert await db.fetchval("SELECT count(*) FROM orders") == 600
+
+
+async def test_orders_granted_in_one_loop_turn_are_written_as_one_batch(client, db, other, settings):
+    """One Redis answer grants many reservations, and their requests resume in one loop turn: with a batch in
+    flight and a slot free, they go as one batch, not as a batch of one and another of the rest."""
+    await make_product(client, total_stock=100)
+    epoch = await epoch_of(db, "P1001")
+    pool = await asyncpg.create_pool(asyncpg_dsn(settings.database_url), min_size=2, max_size=2)
+    sizes: list[int] = []
+
+    async def write(news: list[repo.NewOrder]) -> dict[uuid.UUID, repo.Written]:
+        sizes.append(len(news))
+        async with pool.acquire() as conn:
+            return await repo.insert_many(conn, news)
+
+    group = GroupCommit(write, max_inflight=2)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM products WHERE id = 'P1001' FOR NO KEY UPDATE")
+            first = asyncio.ensure_future(group.submit(orders("P1001", epoch, 1)[0]))
+            await eventually(lambda: _batches_wait(db, 1), within=10)
+            rest = [asyncio.ensure_future(group.submit(o)) for o in orders("P1001", epoch, 10)]  # one loop turn
+            await eventually(lambda: _batches_wait(db, 2), within=10)
+        written = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+    finally:
+        await pool.close()
+    assert sizes == [1, 10]
+    assert not any(isinstance(w, repo.Refused) for w in written)
+    assert await db.fetchval("SELECT sold FROM products WHERE id = 'P1001'") == 11
+
+
+async def _batches_wait(db: asyncpg.Connection, n: int) -> None:
+    waiting = await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    assert waiting == n, f"{waiting} batches wait for the product lock, not {n}"

@@ -1,6 +1,6 @@
 """Group commit for order rows: while earlier writes are in flight, new ones queue and then go together as
-one multi-row INSERT (one round trip, one WAL flush). At low load a write goes at once, alone: batching
-costs no latency, it only appears when there is a queue."""
+one multi-row INSERT (one round trip, one WAL flush). At low load a write goes at the end of its loop turn, with the
+writes of that turn: batching costs no latency, it only appears when there is a queue."""
 
 from __future__ import annotations
 
@@ -21,13 +21,23 @@ class GroupCommit:
         self._write, self._max_inflight, self._max_batch = write, max_inflight, max_batch
         self._queue: list[tuple[NewOrder, asyncio.Future[Any]]] = []
         self._inflight: set[asyncio.Task[None]] = set()
+        self._start_soon = False
 
     async def submit(self, new: NewOrder) -> Written:
         """The stored row, or why it was refused. Errors are the batch's, shared by its orders."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((new, future))
-        self._start()
+        if not self._start_soon:
+            # At the end of this loop turn: the orders whose reservations one Redis answer granted resume in the
+            # same turn, and go as one batch, not as a batch of one and another of the rest (measured: with a batch
+            # in flight, the free slot went to single orders, 3 batches in 4).
+            self._start_soon = True
+            asyncio.get_running_loop().call_soon(self._start_queued)
         return await future  # type: ignore[no-any-return]
+
+    def _start_queued(self) -> None:
+        self._start_soon = False
+        self._start()
 
     def _start(self) -> None:
         while self._queue and len(self._inflight) < self._max_inflight:
