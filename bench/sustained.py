@@ -8,7 +8,7 @@ The seed is written with SQL (generate_series), in a state that keeps every inva
 - every order is `cancelled` by the system (payment window expired, 2 to 30 days ago), as the sweeper leaves
   a sale's unpaid orders: it holds no stock (products.sold, kept by the triggers on orders, stays 0, and Redis's
   `reserved` 0 agrees), owes and paid nothing (I6), is terminal (the sweeper never looks at it again), and
-  has its two events, created and cancelled (I5), already relayed;
+  has its two events, created and cancelled (I5), already relayed (before the relay's cursor: txid 0);
 - ids are UUIDv7 of their creation time, as the service makes them, so they sort before the run's own;
 - 20,000 customers of their own, so the load's customers start from empty counters;
 - then VACUUM ANALYZE, as autovacuum would have done long before a sale: the run starts from a settled table.
@@ -65,9 +65,9 @@ FROM (SELECT i, md5($5 || i) AS h,
 
 _SEED_EVENTS = """
 INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data, created_at,
-                          relayed_at)
+                          txid)
 SELECT o.id, e.from_status, e.to_status, e.actor, e.reason, e.sequence, e.to_status,
-       to_jsonb(o) || jsonb_build_object('status', e.to_status, 'updated_at', e.at), e.at, e.at
+       to_jsonb(o) || jsonb_build_object('status', e.to_status, 'updated_at', e.at), e.at, '0'::xid8
 FROM orders o
 CROSS JOIN LATERAL (VALUES (NULL, 'pending', o.user_id, 'created', 1, o.created_at),
                            ('pending', 'cancelled', 'system', 'payment_timeout', 2, o.updated_at))

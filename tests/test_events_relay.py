@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -13,6 +14,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from preorder.db import asyncpg_dsn
+from preorder.events import repository as events_repo
+from preorder.ids import new_id
+from preorder.orders import repository as orders_repo
 from preorder.settings import Settings
 from tests.conftest import ADMIN, bearer, make_product, make_settings, serving
 from tests.events_peers import Receiver, endpoint, purge_stream, receiving, stream_events
@@ -268,3 +273,36 @@ async def test_an_event_that_cannot_be_built_waits_alone_and_says_why(
             assert any("can't build" in (d["last_error"] or "") for d in stuck), stuck
 
         await eventually(others_delivered, within=20)
+
+
+async def test_an_event_written_earlier_but_committed_later_is_not_passed_by_the_fan_out(
+    client: httpx.AsyncClient, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The fan-out reads the outbox through one cursor (migration 0009). An event row written in a transaction still
+    open, behind which another transaction's event commits, must not fall behind the cursor: both go out once the
+    first commits, none before."""
+    for pid in ("P1001", "P1002"):  # two products: the open transaction holds its product's row
+        await make_product(client, pid)
+    sink = await db.fetchval("INSERT INTO event_sinks (id, kind, url, secret) VALUES "
+                             "(gen_random_uuid(), 'webhook', 'http://127.0.0.1:9/h', 'whsec_x') RETURNING id")
+    while await events_repo.fan_out(db, limit=1000, retry_for_s=60):  # whatever the set-up wrote
+        pass
+    early, late = [await asyncpg.connect(asyncpg_dsn(settings.database_url)) for _ in range(2)]
+    try:
+        async with early.transaction():
+            first = await orders_repo.insert_many(early, await _new_orders(db, "P1001"))  # the smaller event id
+            second = await orders_repo.insert_many(late, await _new_orders(db, "P1002"))  # committed at once
+            assert await events_repo.fan_out(db, limit=1000, retry_for_s=60) == 0, "passed an uncommitted event"
+        assert await events_repo.fan_out(db, limit=1000, retry_for_s=60) == 2
+    finally:
+        await early.close()
+        await late.close()
+    queued = await db.fetch("SELECT order_id FROM event_deliveries WHERE sink_id = $1", sink)
+    assert {r["order_id"] for r in queued} == {*first, *second}
+
+
+async def _new_orders(db: asyncpg.Connection, pid: str) -> list[orders_repo.NewOrder]:
+    epoch = await db.fetchval("SELECT stock_epoch FROM products WHERE id = $1", pid)
+    now = datetime.now(UTC)
+    return [orders_repo.NewOrder(order_id=new_id(), product_id=pid, user_id="U1", quantity=1, epoch=epoch,
+                                 deadline=now + timedelta(seconds=30), now=now)]

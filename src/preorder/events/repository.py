@@ -13,24 +13,33 @@ from preorder.db import PgConn, PgPool
 PoolOrConn = PgPool | PgConn
 _FULL_TYPE = "'preorder.order.' || e.type"
 
-# Queue every event not yet relayed for each sink that takes it (a paused or disabled endpoint too: it gets its
-# backlog when resumed, and the lag counts only active sinks).
-# SKIP LOCKED: relays in several processes take disjoint batches. The order in which batches are queued does not
-# matter: a delivery is sent only once every earlier event of its order is relayed and delivered (see _CLAIM).
+# Queue the events after the fan-out cursor for each sink that takes them (a paused or disabled endpoint too: it
+# gets its backlog when resumed), and move the cursor past them, in one statement (migration 0009). Only events of
+# transactions older than every running one are taken (the snapshot's xmin): no event can commit behind the cursor
+# later. Relays in several processes take turns (SKIP LOCKED on the cursor's row). The order in which events are
+# queued does not matter: a delivery is sent only once every earlier event of its order is fanned out and
+# delivered (see _CLAIM).
 _FAN_OUT = f"""
-WITH ev AS (
-    SELECT id, order_id, sequence, type, created_at FROM order_events e
-    WHERE relayed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+WITH cursor AS (
+    SELECT txid, id FROM event_fanout FOR UPDATE SKIP LOCKED
+), ev AS (
+    SELECT id, txid, order_id, sequence, type, created_at FROM order_events e
+    WHERE (txid, id) > ((SELECT txid FROM cursor), (SELECT id FROM cursor))
+      AND txid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY txid, id LIMIT $1
 ), d AS (
     INSERT INTO event_deliveries (sink_id, event_row, order_id, sequence, event_at, give_up_at)
     SELECT s.id, e.id, e.order_id, e.sequence, e.created_at, now() + make_interval(secs => $2::float8)
     FROM ev e JOIN event_sinks s ON s.event_types IS NULL OR {_FULL_TYPE} = ANY (s.event_types)
     ON CONFLICT (sink_id, event_row) DO NOTHING
-), u AS (
-    UPDATE order_events SET relayed_at = now() WHERE id IN (SELECT id FROM ev)
+), moved AS (
+    UPDATE event_fanout f SET txid = last.txid, id = last.id, updated_at = now()
+    FROM (SELECT txid, id FROM ev ORDER BY txid DESC, id DESC LIMIT 1) last
 )
 SELECT count(*) FROM ev
 """
+# An event the fan-out has not passed yet: a condition on order_events `q` (the cursor's row is read once).
+_NOT_FANNED_OUT = "(q.txid, q.id) > ((SELECT txid FROM event_fanout), (SELECT id FROM event_fanout))"
 
 
 async def fan_out(conn: PoolOrConn, *, limit: int, retry_for_s: float) -> int:
@@ -51,16 +60,16 @@ async def sync_nats_sink(conn: PoolOrConn, url: str) -> None:
 
 
 # The deliveries due now whose sink is active and that are first in line: no earlier event of the same order is
-# still pending for that sink or not yet relayed. A claim is a lease: next_attempt_at moves past the time a send
+# still pending for that sink or not yet fanned out. A claim is a lease: next_attempt_at moves past the time a send
 # can take, so a process killed mid-send leaves the delivery to be retried, and no other process takes it meanwhile.
-_CLAIM = """
+_CLAIM = f"""
 WITH c AS (
     SELECT d.id FROM event_deliveries d JOIN event_sinks s ON s.id = d.sink_id
     WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND s.kind = $1 AND s.status = 'active'
       AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.status = 'pending' AND p.sink_id = d.sink_id
                           AND p.order_id = d.order_id AND p.sequence < d.sequence)
       AND NOT EXISTS (SELECT 1 FROM order_events q WHERE q.order_id = d.order_id AND q.sequence < d.sequence
-                          AND q.relayed_at IS NULL)
+                          AND {_NOT_FANNED_OUT})
     ORDER BY d.next_attempt_at, d.id LIMIT $2 FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE event_deliveries d SET next_attempt_at = now() + make_interval(secs => $3::float8),
@@ -129,8 +138,9 @@ async def record(conn: PoolOrConn, outcomes: Sequence[Outcome], *, disable_after
 async def lag_seconds(conn: PoolOrConn) -> float:
     """Age of the oldest event some active sink has not received yet (0 when all are out)."""
     lag = await conn.fetchval(
-        """SELECT EXTRACT(EPOCH FROM now() - LEAST(
-               (SELECT created_at FROM order_events WHERE relayed_at IS NULL ORDER BY id LIMIT 1),
+        f"""SELECT EXTRACT(EPOCH FROM now() - LEAST(
+               (SELECT min(created_at) FROM (SELECT created_at FROM order_events q WHERE {_NOT_FANNED_OUT}
+                                             ORDER BY txid, id LIMIT 100) AS next),
                (SELECT min(d.event_at) FROM event_deliveries d JOIN event_sinks s ON s.id = d.sink_id
                 WHERE d.status = 'pending' AND s.status = 'active')))"""
     )
