@@ -301,8 +301,44 @@ async def test_an_event_written_earlier_but_committed_later_is_not_passed_by_the
     assert {r["order_id"] for r in queued} == {*first, *second}
 
 
-async def _new_orders(db: asyncpg.Connection, pid: str) -> list[orders_repo.NewOrder]:
+async def _new_orders(db: asyncpg.Connection, pid: str, n: int = 1) -> list[orders_repo.NewOrder]:
     epoch = await db.fetchval("SELECT stock_epoch FROM products WHERE id = $1", pid)
     now = datetime.now(UTC)
     return [orders_repo.NewOrder(order_id=new_id(), product_id=pid, user_id="U1", quantity=1, epoch=epoch,
-                                 deadline=now + timedelta(seconds=30), now=now)]
+                                 deadline=now + timedelta(seconds=30), now=now) for _ in range(n)]
+
+
+async def test_deliveries_waiting_behind_a_failing_one_do_not_hold_up_the_line(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """A claim reads each sink's due deliveries in order up to its batch (migration 0009). Deliveries that wait for
+    an earlier event of their order must not fill that window: 100 orders whose first delivery is failing, each
+    with a second event waiting, and a new order behind them: its delivery is claimed at once."""
+    await make_product(client, total_stock=1000)
+    sink = await db.fetchval("INSERT INTO event_sinks (id, kind, url, secret) VALUES "
+                             "(gen_random_uuid(), 'webhook', 'http://127.0.0.1:9/h', 'whsec_x') RETURNING id")
+    await _fan_out_all(db)
+    first = list(await orders_repo.insert_many(db, await _new_orders(db, "P1001", 100)))
+    await _fan_out_all(db)
+    await db.execute("""INSERT INTO order_events (order_id, from_status, to_status, actor, reason, sequence, type, data)
+                        SELECT id, 'pending', 'cancelled', 'U1', 'test', 2, 'cancelled', '{}' FROM orders""")
+    await _fan_out_all(db)  # the second events: due at once, as their first ones have not been tried yet
+    claimed = [*await _claim(db), *await _claim(db)]
+    assert sorted(r["sequence"] for r in claimed) == [1] * 100, "a second event was claimed before its first"
+    await events_repo.record(db, [events_repo.Outcome(r["id"], sink, False, 3600.0, 500) for r in claimed],
+                             disable_after_s=1e6)
+    [late] = await orders_repo.insert_many(db, await _new_orders(db, "P1001", 1))
+    await _fan_out_all(db)
+    assert [(r["order_id"], r["sequence"]) for r in await _claim(db)] == [(late, 1)]
+    await events_repo.record(db, [events_repo.Outcome(claimed[0]["id"], sink, True, 0.0, 204)], disable_after_s=1e6)
+    assert [(r["order_id"], r["sequence"]) for r in await _claim(db)] == [(claimed[0]["order_id"], 2)]
+    assert first  # 100 orders written
+
+
+async def _fan_out_all(db: asyncpg.Connection) -> None:
+    while await events_repo.fan_out(db, limit=1000, retry_for_s=86_400):
+        pass
+
+
+async def _claim(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await events_repo.claim(db, kind="webhook", limit=64, lease_s=30.0)

@@ -11,6 +11,10 @@ One statement queues a batch for the sinks and moves the cursor, whose row it ta
 relays in several processes take turns. A transaction left open holds the fan-out back (the lag shows it); it
 loses nothing. Events not yet relayed when this runs are put after the cursor.
 
+The relay's claim reads each active sink's due deliveries in the order it sends them, up to its batch: the due
+index becomes (sink_id, next_attempt_at, id). The claim read every due delivery of every sink and sorted them
+(115 ms for a batch of 64 under a backlog of 50,000, on PostgreSQL's core), so a backlog made itself worse.
+
 Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-26
@@ -43,7 +47,11 @@ SCHEMA = """
         updated_at timestamptz NOT NULL DEFAULT now()
     );
 
-    INSERT INTO event_fanout (txid, id) VALUES ('0', 9223372036854775807)
+    INSERT INTO event_fanout (txid, id) VALUES ('0', 9223372036854775807);
+
+    DROP INDEX event_deliveries_due_idx;
+
+    CREATE INDEX event_deliveries_due_idx ON event_deliveries (sink_id, next_attempt_at, id) WHERE status = 'pending'
 """
 
 
@@ -54,6 +62,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute("DROP INDEX event_deliveries_due_idx")
+    op.execute("CREATE INDEX event_deliveries_due_idx ON event_deliveries (next_attempt_at) WHERE status = 'pending'")
     op.execute("ALTER TABLE order_events ADD COLUMN relayed_at timestamptz")
     op.execute("UPDATE order_events e SET relayed_at = now() FROM event_fanout f "
                "WHERE (e.txid, e.id) <= (f.txid, f.id)")
