@@ -271,7 +271,8 @@ def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: conte
             f"on cores {','.join(map(str, sorted(cores)))}")
     if args.webhook:
         receiver = webhook.Receiver().start()
-        started.callback(lambda: say(f"webhook receiver: {receiver.deliveries:,} deliveries"))
+        started.callback(lambda: say(f"webhook receiver: {receiver.deliveries:,} deliveries, {receiver.cpu_s:.1f} s of "
+                                     f"CPU ({receiver.cpu_s / max(receiver.deliveries, 1) * 1e6:.0f} us each)"))
         started.callback(receiver.stop)
         endpoint = webhook.register(service[1], env["PREORDER_JWT_SECRET"], receiver.url)
         say(f"webhook endpoint {endpoint} -> {receiver.url}: the relay delivers every event")
