@@ -79,8 +79,8 @@ class Settings(BaseSettings):
 
     # Events out (events/): NATS JetStream is a sink when its URL is set. `preorder serve` runs the relay in a
     # process of its own beside the web workers, at a lower CPU priority, so deliveries take only the CPU orders
-    # leave (a webhook delivery costs more CPU than the create that caused it); relay_process=false runs it inside
-    # each web worker instead (what `preorder dev` and an app served by another command do).
+    # leave (a webhook delivery costs a third of the CPU of the create that caused it); relay_process=false runs
+    # it inside each web worker instead (what `preorder dev` and an app served by another command do).
     relay_enabled: bool = True
     relay_process: bool = Field(default=True, description="`preorder serve` relays in a process of its own")
     nats_url: str = ""

@@ -1,11 +1,13 @@
 """The relay as a process of its own: `preorder relay`, and the one `preorder serve` keeps beside its web workers.
 
-A webhook delivery costs the relay more CPU than the create that caused it (an HTTP request out, a signature,
-its bookkeeping). Inside a web worker, deliveries and orders shared one event loop at equal priority, and one
-endpoint halved the creates a core answered. Beside the workers, at nice +19 (CFS weight 15 against a web
-worker's 1024), the relay runs mostly on the CPU the orders leave and still gets a sliver of a saturated core.
-The idle scheduling class (SCHED_IDLE) gave the workers more, but starved the relay outright on a saturated
-machine (CI saw no delivery attempt for 20 s): events would wait as long as the load lasted. During a burst the
+A webhook delivery costs the relay about a third of the CPU of the create that caused it (an HTTP request out,
+a signature, its bookkeeping; with httpx it cost more than the create). Inside a web worker, deliveries and
+orders shared one event loop at equal priority, and one endpoint halved the creates a core answered. Beside the
+workers, at nice +19 (CFS weight 15 against a web worker's 1024), the relay runs mostly on the CPU the orders
+leave and still gets a sliver of a saturated core. The idle scheduling class (SCHED_IDLE) starved it outright on
+a saturated machine (CI saw no delivery attempt for 20 s): events would wait as long as the load lasted; and it
+did not spare create more than nice +19 does (`make bench --webhook`, README: what create loses to the relay is
+on PostgreSQL, not on the server's core). During a burst the
 relay falls behind (the lag is in /metrics and /readyz) and it catches up after. Nothing is lost either way:
 every event waits in the outbox until every sink has it.
 """
