@@ -74,11 +74,7 @@ class BoundedPool(PgPool):
         await super().release(connection, timeout=timeout)
 
 
-async def create_pool(settings: Settings, *, custom_plans: bool = False) -> PgPool:
-    """custom_plans: plan every statement for its arguments and the tables as they are now, instead of reusing a plan
-    made for the first ones. For the relay's process: its tables grow from empty to a backlog of thousands within
-    a minute of a sale's start, faster than autovacuum's statistics, and a plan cached on the empty table read
-    every pending delivery for each event fanned out (0.5 s a batch of 500, against 5 ms planned anew)."""
+async def create_pool(settings: Settings) -> PgPool:
     # min_size=0: the app starts (and /readyz reports) even while PostgreSQL is down.
     pool = await BoundedPool(
         asyncpg_dsn(settings.database_url),
@@ -101,7 +97,6 @@ async def create_pool(settings: Settings, *, custom_plans: bool = False) -> PgPo
             "statement_timeout": str(settings.db_statement_timeout_ms),
             "idle_in_transaction_session_timeout": str(settings.db_statement_timeout_ms * 2),
             "application_name": "preorder",
-            **({"plan_cache_mode": "force_custom_plan"} if custom_plans else {}),
         },
     )
     metrics.POOL_MAX.set(settings.db_pool_max)

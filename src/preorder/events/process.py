@@ -51,7 +51,7 @@ async def _relay(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pool = await db.create_pool(settings, custom_plans=True)
+    pool = await db.create_pool(settings)
     relay = asyncio.create_task(Relay(pool=pool, settings=settings).run_forever())
     log.info("relay started (pid %d)", os.getpid())
     try:
