@@ -332,7 +332,7 @@ async def test_deliveries_waiting_behind_a_failing_one_do_not_hold_up_the_line(
     assert [(r["order_id"], r["sequence"]) for r in await _claim(db)] == [(late, 1)]
     await events_repo.record(db, [events_repo.Outcome(claimed[0]["id"], sink, True, 0.0, 204)], disable_after_s=1e6)
     assert [(r["order_id"], r["sequence"]) for r in await _claim(db)] == [(claimed[0]["order_id"], 2)]
-    assert first  # 100 orders written
+    assert len(first) == 100  # every order of the set-up was written
 
 
 async def _fan_out_all(db: asyncpg.Connection) -> None:

@@ -7,9 +7,9 @@ workers, at nice +19 (CFS weight 15 against a web worker's 1024), the relay runs
 leave and still gets a sliver of a saturated core. The idle scheduling class (SCHED_IDLE) starved it outright on
 a saturated machine (CI saw no delivery attempt for 20 s): events would wait as long as the load lasted; and it
 did not spare create more than nice +19 does (`make bench --webhook`, README: what create loses to the relay is
-on PostgreSQL, not on the server's core). During a burst the
-relay falls behind (the lag is in /metrics and /readyz) and it catches up after. Nothing is lost either way:
-every event waits in the outbox until every sink has it.
+on PostgreSQL, not on the server's core). During a burst the relay falls behind (the lag is in /metrics and
+/readyz) and it catches up after. Nothing is lost either way: every event waits in the outbox until every sink
+has it.
 """
 
 from __future__ import annotations

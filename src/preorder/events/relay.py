@@ -1,7 +1,7 @@
 """The relay: queue new events for every sink, send what is due, record the outcome, retry failures with
 backoff, purge old bookkeeping, and keep the lag gauge current. `preorder serve` runs it in a process of its own
-(events/process.py, in the idle scheduling class); with relay_process=false each web worker runs it.
-Several relays at once are safe: they claim disjoint work (SKIP LOCKED)."""
+(events/process.py, at nice +19); with relay_process=false each web worker runs it. Several relays at once are
+safe: they take turns fanning out (the cursor's row, SKIP LOCKED) and claim disjoint deliveries."""
 
 from __future__ import annotations
 

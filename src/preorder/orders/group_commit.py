@@ -25,14 +25,15 @@ class GroupCommit:
 
     async def submit(self, new: NewOrder) -> Written:
         """The stored row, or why it was refused. Errors are the batch's, shared by its orders."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((new, future))
         if not self._start_soon:
             # At the end of this loop turn: the orders whose reservations one Redis answer granted resume in the
             # same turn, and go as one batch, not as a batch of one and another of the rest (measured: with a batch
             # in flight, the free slot went to single orders, 3 batches in 4).
             self._start_soon = True
-            asyncio.get_running_loop().call_soon(self._start_queued)
+            loop.call_soon(self._start_queued)
         return await future  # type: ignore[no-any-return]
 
     def _start_queued(self) -> None:
