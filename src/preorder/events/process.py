@@ -122,18 +122,11 @@ def _prctl() -> Any:
 
 
 def _lower_priority_and_die_with(parent: int, prctl: Any) -> None:
-    """Runs in the child between fork and exec. Nice alone ranks the relay only within its session's autogroup:
-    where the kernel groups by session (sched_autogroup_enabled, the default of desktop and many server kernels),
-    every session shares the CPU equally whatever its processes' nice, so a relay busy with a backlog took half a
-    core from a server started in another session. In a session of its own, whose group is at nice +19 too, it
-    weighs 15 against 1024 for every other group as well."""
-    os.setsid()
-    with contextlib.suppress(OSError):  # no autogroups here: nice alone decides
-        fd = os.open("/proc/self/autogroup", os.O_WRONLY)
-        try:
-            os.write(fd, str(RELAY_NICE).encode())
-        finally:
-            os.close(fd)
+    """Runs in the child between fork and exec. The relay stays in the server's session, so where the kernel groups
+    processes by session (sched_autogroup_enabled) it shares the server's group: nice ranks it below the workers
+    there, and the group as a whole keeps its fair share against other sessions. A session of its own at nice +19
+    starved it on a machine whose other sessions were busy (tests/test_relay_process.py, both cores loaded: the
+    relay did not even log its start in time, 2 runs of 3)."""
     os.nice(RELAY_NICE)
     prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl: it would never be signalled
