@@ -4,8 +4,9 @@ order per order, retries with backoff, give-up, disabling, pause, manual retry, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,19 +15,21 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from preorder.app import create_app
 from preorder.db import asyncpg_dsn
 from preorder.events import repository as events_repo
+from preorder.events.relay import Relay
 from preorder.ids import new_id
 from preorder.orders import repository as orders_repo
 from preorder.settings import Settings
-from tests.conftest import ADMIN, bearer, make_product, make_settings, serving
+from tests.conftest import ADMIN, asgi_client, bearer, make_product, make_settings, serving
 from tests.events_peers import Receiver, endpoint, purge_stream, receiving, stream_events
 from tests.harness import eventually
 from tests.invariants import assert_events_delivered
 
 FAST = {
     "relay_enabled": True, "relay_interval_s": 0.05, "relay_backoff_base_s": 0.1, "webhook_backoff_max_s": 0.4,
-    "webhook_timeout_s": 1.0, "relay_lease_s": 3.0,
+    "webhook_timeout_s": 1.0, "relay_lease_s": 3.0, "relay_burst_events_per_s": 0,  # the burst tests turn it on
 }
 
 
@@ -342,3 +345,82 @@ async def _fan_out_all(db: asyncpg.Connection) -> None:
 
 async def _claim(db: asyncpg.Connection) -> list[asyncpg.Record]:
     return await events_repo.claim(db, kind="webhook", limit=64, lease_s=30.0)
+
+
+@contextlib.asynccontextmanager
+async def relaying(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Relay]]:
+    """Like `serving`, with the in-process relay at hand."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application), asgi_client(application) as client:
+        assert isinstance(application.state.relay, Relay)
+        yield client, application.state.relay
+
+
+@contextlib.asynccontextmanager
+async def burst_of_orders(client: httpx.AsyncClient) -> AsyncIterator[list[str]]:
+    """Orders created one after another, as fast as this client goes, until the block ends; their ids."""
+    created: list[str] = []
+
+    async def write() -> None:
+        while True:
+            r = await client.post("/api/preorder", json={"product_id": "P1001", "quantity": 1},
+                                  headers=bearer(f"B{len(created)}"))
+            assert r.status_code == 201, r.text
+            created.append(r.json()["order_id"])
+
+    writer = asyncio.create_task(write())
+    try:
+        yield created
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+    assert created  # the writer did not fail
+
+
+async def test_a_burst_of_orders_holds_deliveries_back_and_they_all_go_when_it_ends(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    burst = relay_settings(settings, relay_burst_events_per_s=5, relay_burst_max_wait_s=50)
+    async with relaying(burst) as (client, relay):
+        await make_product(client, total_stock=100_000)
+        await endpoint(client, receiver, "h")
+        async with burst_of_orders(client) as created:
+            await eventually(_until(lambda: relay.burst.yielding), within=20)
+            held_at, written_at = len(receiver.events("h")), len(created)
+            await eventually(_until(lambda: len(created) >= written_at + 100), within=60)
+            assert relay.burst.yielding, f"the burst ran at {relay.burst.rate:.0f} events/s"
+            # One claim sent when the relay began to yield may finish meanwhile; nothing after it.
+            assert len(receiver.events("h")) <= held_at + 64, (held_at, len(receiver.events("h")))
+        await eventually(_until(lambda: not relay.burst.yielding), within=20)
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=30)
+        metrics = (await client.get("/metrics")).text
+        assert "preorder_events_relay_yielding 0.0" in metrics
+
+
+async def test_in_a_burst_longer_than_the_bound_events_wait_no_longer_than_it(
+    settings: Settings, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    async with relaying(relay_settings(settings, relay_burst_events_per_s=5, relay_burst_max_wait_s=1)) as (
+        client, relay
+    ):
+        await make_product(client, total_stock=100_000)
+        await endpoint(client, receiver, "h")
+        async with burst_of_orders(client) as created:
+            await eventually(_until(lambda: relay.burst.yielding), within=20)
+            yielded_after = list(created)
+
+            async def sent_in_the_burst() -> None:
+                got = {e["subject"] for e in receiver.events("h")}
+                assert set(yielded_after) <= got, f"{len(set(yielded_after) - got)} not delivered yet"
+                assert relay.burst.rate > 5, f"the burst ended ({relay.burst.rate:.0f} events/s)"
+
+            await eventually(sent_in_the_burst, within=30)
+        await eventually(lambda: assert_events_delivered(db, {"h": receiver.events("h")}), within=30)
+
+
+def _until(condition: Callable[[], bool]) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        assert condition()
+
+    return check

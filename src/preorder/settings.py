@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     relay_lease_s: float = Field(default=60.0, gt=0)
     events_retention_s: float = Field(default=7 * 86_400, gt=0, description="finished deliveries kept this long")
     events_lag_degraded_s: float = Field(default=60.0, gt=0, description="/readyz says degraded past this lag")
+    # A burst gives the machine to orders: while events are written faster than relay_burst_events_per_s, the relay
+    # holds its deliveries back until the oldest undelivered event has waited relay_burst_max_wait_s, then sends
+    # what keeps the wait at that bound. 0 for either: the relay never holds back.
+    relay_burst_events_per_s: float = Field(default=200.0, ge=0)
+    relay_burst_max_wait_s: float = Field(default=30.0, ge=0, description="events wait at most this long in a burst")
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=30)
     webhook_retry_for_s: float = Field(default=86_400.0, gt=0, description="a delivery is retried this long")
     relay_backoff_base_s: float = Field(default=2.0, gt=0, description="first retry after about this long")
@@ -113,6 +118,8 @@ class Settings(BaseSettings):
             raise ValueError("write_deadline_s must be larger than db_statement_timeout_ms")
         if self.relay_lease_s <= self.webhook_timeout_s + 1:
             raise ValueError("relay_lease_s must be larger than webhook_timeout_s + 1")
+        if self.relay_burst_events_per_s and self.relay_burst_max_wait_s >= self.events_lag_degraded_s:
+            raise ValueError("relay_burst_max_wait_s must be smaller than events_lag_degraded_s")
         if self.env == "prod":
             self._require_production_values()
         return self

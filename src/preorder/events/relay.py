@@ -1,7 +1,8 @@
 """The relay: queue new events for every sink, send what is due, record the outcome, retry failures with
-backoff, purge old bookkeeping, and keep the lag gauge current. `preorder serve` runs it in a process of its own
-(events/process.py, at nice +19); with relay_process=false each web worker runs it. Several relays at once are
-safe: they take turns fanning out (the cursor's row, SKIP LOCKED) and claim disjoint deliveries."""
+backoff, purge old bookkeeping, and keep the lag gauge current; in a burst of orders, hold back for a bounded
+while (Burst). `preorder serve` runs it in a process of its own (events/process.py, at nice +19); with
+relay_process=false each web worker runs it. Several relays at once are safe: they take turns fanning out (the
+cursor's row, SKIP LOCKED) and claim disjoint deliveries."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ log = logging.getLogger("preorder.events")
 # Every process reads the same lag from PostgreSQL: with several workers the scrape shows the largest of the live ones.
 LAG = Gauge("preorder_events_relay_lag_seconds", "Age of the oldest event not yet received by every active sink",
             multiprocess_mode="livemax")
+YIELDING = Gauge("preorder_events_relay_yielding", "1 while the relay holds deliveries back for a burst of orders",
+                 multiprocess_mode="livemax")
 # The broker is ours and a retry costs it nothing: its backoff stays short, so events flow soon after it is back.
 _NATS_BACKOFF_MAX_S = 5.0
 _WEBHOOK_CONCURRENCY = 64
@@ -55,6 +58,30 @@ class LagWatch:
             await asyncio.sleep(_HOUSEKEEPING_S)
 
 
+class Burst:
+    """Whether the relay gives way to a burst of orders: while events are written faster than `events_per_s`, it
+    holds its deliveries back, until the oldest undelivered event has waited `max_wait_s`. Past that it sends again,
+    as much as keeps the wait at that bound: a burst longer than the bound gets no CPU back, only delay."""
+
+    def __init__(self, *, events_per_s: float, max_wait_s: float) -> None:
+        self.events_per_s, self.max_wait_s = events_per_s, max_wait_s
+        self.enabled = events_per_s > 0 and max_wait_s > 0
+        self.rate = 0.0  # events written per second, between the last two looks
+        self.yielding = False
+        self._last: tuple[float, int] | None = None
+
+    def observe(self, *, now: float, last_event_id: int, lag_s: float) -> bool:
+        """Take one look at the outbox (its newest event id, and the relay's lag); True when that changed whether
+        the relay yields."""
+        if self._last is not None:
+            then, last_id = self._last
+            self.rate = max(0, last_event_id - last_id) / max(now - then, 1e-3)
+        self._last = (now, last_event_id)
+        yielding = self.enabled and self.rate > self.events_per_s and lag_s < self.max_wait_s
+        changed, self.yielding = yielding != self.yielding, yielding
+        return changed
+
+
 class Relay(LagWatch):
     def __init__(self, *, pool: PgPool, settings: Settings) -> None:
         super().__init__(pool)
@@ -63,14 +90,17 @@ class Relay(LagWatch):
         self._webhooks = WebhookSender(timeout_s=settings.webhook_timeout_s,
                                        allow_private=settings.webhook_allow_private,
                                        max_connections=_WEBHOOK_CONCURRENCY)
+        self.burst = Burst(events_per_s=settings.relay_burst_events_per_s,
+                           max_wait_s=settings.relay_burst_max_wait_s)
 
     async def run_forever(self) -> None:
-        loops: list[Callable[[], Awaitable[bool]]] = [self.fan_out, self.send_webhooks, self.housekeeping]
+        sending: list[Callable[[], Awaitable[bool]]] = [self.fan_out, self.send_webhooks]
         if self._nats is not None:
-            loops.append(self.send_nats)
+            sending.append(self.send_nats)
         try:
             await self._sync_nats_sink()  # before any fan-out: an event queued without the sink would miss it
-            await asyncio.gather(*(self._repeat(step) for step in loops))
+            await asyncio.gather(self._repeat(self.housekeeping),
+                                 *(self._repeat(step, unless_yielding=True) for step in sending))
         finally:
             await self.close()
 
@@ -83,9 +113,12 @@ class Relay(LagWatch):
                 log.warning("relay start failed: %r", exc)
             await asyncio.sleep(self.settings.relay_interval_s)
 
-    async def _repeat(self, step: Callable[[], Awaitable[bool]]) -> None:
+    async def _repeat(self, step: Callable[[], Awaitable[bool]], *, unless_yielding: bool = False) -> None:
         """Run a step again at once while it has more work, else after the idle pause; never die."""
         while True:
+            if unless_yielding and self.burst.yielding:
+                await asyncio.sleep(self.settings.relay_interval_s)
+                continue
             try:
                 busy = await step()
             except asyncio.CancelledError:
@@ -130,9 +163,22 @@ class Relay(LagWatch):
 
     async def housekeeping(self) -> bool:
         await self.update()
+        await self._watch_burst()
         await repo.purge(self.pool, retention_s=self.settings.events_retention_s, limit=1000)
         await asyncio.sleep(_HOUSEKEEPING_S)
         return False
+
+    async def _watch_burst(self) -> None:
+        if not self.burst.enabled:
+            return
+        last_id = await repo.last_event_id(self.pool)
+        if self.burst.observe(now=time.monotonic(), last_event_id=last_id, lag_s=self.lag_s):
+            if self.burst.yielding:
+                log.info("relay gives way to a burst: %.0f events/s, oldest undelivered %.1f s",
+                         self.burst.rate, self.lag_s)
+            else:
+                log.info("relay sends again: %.0f events/s, oldest undelivered %.1f s", self.burst.rate, self.lag_s)
+        YIELDING.set(1 if self.burst.yielding else 0)
 
     async def _claim(self, kind: str, limit: int) -> list[asyncpg.Record]:
         return await repo.claim(self.pool, kind=kind, limit=limit, lease_s=self.settings.relay_lease_s)

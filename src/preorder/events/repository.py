@@ -180,6 +180,11 @@ async def lag_seconds(conn: PoolOrConn) -> float:
     return max(0.0, float(lag or 0))
 
 
+async def last_event_id(conn: PoolOrConn) -> int:
+    """The newest event's id (0 when there is none): two looks a second apart tell how fast events are written."""
+    return int(await conn.fetchval("SELECT COALESCE(max(id), 0) FROM order_events"))
+
+
 async def purge(conn: PoolOrConn, *, retention_s: float, limit: int) -> int:
     """Finished deliveries past the retention period. The events themselves are the order history (I5): kept."""
     result = await conn.execute(
