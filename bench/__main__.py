@@ -58,7 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ref", help="benchmark this git ref's src/ (e.g. HEAD) instead of the working tree")
     p.add_argument("--out", default="results", help="folder for JSON, PNG, profiles and logs (git-ignored)")
     p.add_argument("--webhook", action="store_true",
-                   help="register one webhook endpoint (a receiver in this process) so the relay delivers every event")
+                   help="register one webhook endpoint (a receiver in this process) so the relay delivers every "
+                        "event; each run starts once the last one's events are all delivered")
     p.add_argument("--max-orders", type=int, default=None,
                    help="at most this many POSTs over the whole benchmark, warm-up included, counted as they are "
                         "sent (so no order beyond it can be created); required with --url")
@@ -137,6 +138,7 @@ class Bench:
     code: dict[str, Any]  # the commit and uncommitted changes the servers were started from
     secret: str = ""  # the servers' JWT secret (local only): admin tokens for products made later
     folder: Path = Path(".")  # the run's temporary folder (token and product files)
+    receiver: webhook.Receiver | None = None  # --webhook: the endpoint's receiver
     runs: list[report.Run] = field(default_factory=list)
     extra_products: list[str] = field(default_factory=list)  # made after the seed (flash, sustained): checked too
     seeded: int = 0  # orders written with SQL (sustained): in PostgreSQL, but no 201 was answered for them
@@ -150,6 +152,8 @@ class Bench:
         None when --max-orders leaves nothing to send."""
         for attempt in range(self.args.retries + 1):
             if not self.remote:
+                if self.receiver is not None:  # the relay catching up on the last run's events: not in this one
+                    webhook.wait_delivered(self.servers["create"][1], self.receiver)
                 procs.wait_quiet(max_busy_pct=self.args.max_foreign_cpu, max_wait_s=self.args.quiet_wait)
             run = self.measure(scenario, round_no=round_no, duration_s=duration_s)
             if run is None or self.remote:
@@ -232,6 +236,8 @@ def _bench(args: argparse.Namespace, *, folder: Path, out: Path, stamp: str, sta
             if run is not None:
                 bench.runs.append(run)
                 say(f"round {round_no}/{args.rounds} {scenario:<9} {run_line(run)}")
+    if bench.receiver is not None and bench.runs:
+        say(webhook.wait_delivered(bench.servers["create"][1], bench.receiver))
     if args.profile and not bench.remote:
         _profile(bench, out=out)
     extras: dict[str, Any] = {}
@@ -269,6 +275,7 @@ def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: conte
         servers["workers2"] = servers["flash2"] = two
         say(f"service with {WORKERS2} workers up: pid {two[0].pid} at {two[1]} "
             f"on cores {','.join(map(str, sorted(cores)))}")
+    receiver = None
     if args.webhook:
         receiver = webhook.Receiver().start()
         started.callback(lambda: say(f"webhook receiver: {receiver.deliveries:,} deliveries, {receiver.cpu_s:.1f} s of "
@@ -280,7 +287,7 @@ def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: conte
                       spread=args.spread_products)
     say(f"seeded {len(seed.all_products):,} products and {args.users:,} customer tokens")
     return Bench(args, backends, servers, seed, logs, Ledger(args.connections, args.max_orders), say, code,
-                 secret=env["PREORDER_JWT_SECRET"], folder=folder)
+                 secret=env["PREORDER_JWT_SECRET"], folder=folder, receiver=receiver)
 
 
 def _start_remote(args: argparse.Namespace, *, folder: Path, logs: Path, say: Progress) -> Bench:

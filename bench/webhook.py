@@ -97,3 +97,24 @@ def register(base: str, secret: str, url: str) -> str:
     if answer.status_code != 201:
         raise RuntimeError(f"registering the webhook: {answer.status_code} {answer.text}")
     return str(answer.json()["id"])
+
+
+def wait_delivered(base: str, receiver: Receiver, *, within_s: float = 600) -> str:
+    """How long after now every event is out (the service's relay lag back to 0): the delay that the relay giving
+    way to a burst (PREORDER_RELAY_BURST_*) trades for the create path's CPU."""
+    started = time.monotonic()
+    at_start = receiver.deliveries
+    while time.monotonic() - started < within_s:
+        lag = _lag(httpx.get(f"{base}/metrics", timeout=10).text)
+        if lag == 0:
+            return (f"every event delivered {time.monotonic() - started:.1f} s after the last round "
+                    f"({receiver.deliveries - at_start:,} of the receiver's {receiver.deliveries:,} after it)")
+        time.sleep(0.5)
+    return f"events still undelivered {within_s:.0f} s after the last round"
+
+
+def _lag(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("preorder_events_relay_lag_seconds"):
+            return float(line.split()[-1])
+    raise RuntimeError("the service's /metrics has no relay lag")
