@@ -150,10 +150,17 @@ async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def served(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """An app built from these settings, running (its lifespan entered), and an in-process client for it."""
     application = create_app(settings)
     async with application.router.lifespan_context(application), asgi_client(application) as c:
+        yield application, c
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """`served`, when the test needs only the client."""
+    async with served(settings) as (_, c):
         yield c
 
 

@@ -15,14 +15,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from preorder.app import create_app
 from preorder.db import asyncpg_dsn
 from preorder.events import repository as events_repo
 from preorder.events.relay import Relay
 from preorder.ids import new_id
 from preorder.orders import repository as orders_repo
 from preorder.settings import Settings
-from tests.conftest import ADMIN, asgi_client, bearer, make_product, make_settings, serving
+from tests.conftest import ADMIN, bearer, make_product, make_settings, served, serving
 from tests.events_peers import Receiver, endpoint, purge_stream, receiving, stream_events
 from tests.harness import eventually
 from tests.invariants import assert_events_delivered
@@ -350,8 +349,7 @@ async def _claim(db: asyncpg.Connection) -> list[asyncpg.Record]:
 @contextlib.asynccontextmanager
 async def relaying(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Relay]]:
     """Like `serving`, with the in-process relay at hand."""
-    application = create_app(settings)
-    async with application.router.lifespan_context(application), asgi_client(application) as client:
+    async with served(settings) as (application, client):
         assert isinstance(application.state.relay, Relay)
         yield client, application.state.relay
 
