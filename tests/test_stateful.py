@@ -66,6 +66,9 @@ class Model:
         return None
 
 
+STALL_PROOF_REDIS_TIMEOUT_S = 15.0
+
+
 class ApiMachine(RuleBasedStateMachine):
     """A fresh app on the test's PostgreSQL and Redis, driven through its HTTP API on an event loop of its own."""
 
@@ -81,7 +84,9 @@ class ApiMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     async def _open(self) -> None:
-        s = self.app_settings
+        # These machines check exact answers, not outages: a Redis call held up by a stall of this shared machine
+        # (2.2 s once, past the default 1 s timeout) must wait, not turn into a 503 the model cannot expect.
+        s = self.app_settings.model_copy(update={"redis_timeout_s": STALL_PROOF_REDIS_TIMEOUT_S})
         self.db: asyncpg.Connection = await asyncpg.connect(asyncpg_dsn(s.database_url))
         self.stack.push_async_callback(self.db.close)
         await self.db.execute("TRUNCATE refunds, payments, idempotency_keys, order_events, orders, products")
