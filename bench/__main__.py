@@ -259,6 +259,8 @@ def _start(args: argparse.Namespace, *, folder: Path, logs: Path, started: conte
         env["PREORDER_WEBHOOK_ALLOW_PRIVATE"] = "true"  # the receiver listens on 127.0.0.1
     stack.migrate(env)
     say(f"PostgreSQL and Redis ready ({'embedded' if backends.embedded else 'from the environment'}), migrated")
+    if backends.embedded:  # for `python -m bench.waits` during a run (a URL from the environment may hold a password)
+        say(f"embedded PostgreSQL at {backends.database_url}")
     code = _code_version(args.ref)  # read as the servers import the code: the working tree may change later
     service = stack.start_service(env=env, cores={args.server_core}, logs=logs, started=started)
     say(f"service up: pid {service[0].pid} at {service[1]} on core {args.server_core}")
