@@ -31,7 +31,7 @@ import asyncpg
 import httpx
 import redis.asyncio as aioredis
 
-from bench import procs, report, stack
+from bench import procs, report, service_metrics, stack
 from preorder.db import asyncpg_dsn
 from preorder.stock.keys import product_keys
 
@@ -209,14 +209,7 @@ def run(bench: Bench, *, logs: Path) -> SustainedResult:
 
 
 def _scrape(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    found = dict.fromkeys(_METRICS, 0.0)
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        for key, metric in _METRICS.items():
-            if name == metric:
-                found[key] += float(line.rsplit(" ", 1)[1])
-    return found
+    return service_metrics.sums(httpx.get(f"{base}/metrics", timeout=10).text, _METRICS)
 
 
 def _cpu(pids: list[int], redis_pid: int | None) -> tuple[float, float]:

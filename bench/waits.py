@@ -22,16 +22,21 @@ from dataclasses import dataclass
 
 import asyncpg
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-# name of the histogram or counter -> (sum, count) or value, summed over label sets (create's route only)
-_WANTED = {
-    "http_server_request_duration_seconds": "request",
-    "preorder_reserve_script_duration_seconds": "redis call",
-    "preorder_reserve_script_asks": "asks per Redis call",
-    "preorder_order_commit_duration_seconds": "group-commit INSERT",
-    "preorder_order_commit_batch_size": "rows per INSERT",
+from bench import service_metrics
+
+# The mean of each (seconds are printed as ms), from the service's /metrics: a request of create's route, the batched
+# Redis call and its asks, the group-commit INSERT and its rows.
+_MEANS = {
+    "request": "http_server_request_duration_seconds",
+    "redis call": "preorder_reserve_script_duration_seconds",
+    "asks per Redis call": "preorder_reserve_script_asks",
+    "group-commit INSERT": "preorder_order_commit_duration_seconds",
+    "rows per INSERT": "preorder_order_commit_batch_size",
 }
+_SAMPLES = {"created": "preorder_orders_created_total",
+            **{f"{label}/sum": f"{name}_sum" for label, name in _MEANS.items()},
+            **{f"{label}/count": f"{name}_count" for label, name in _MEANS.items()}}
 _INSERT = "%INSERT INTO orders%"
 _IO = ("SELECT COALESCE(sum(writes), 0)::float8, COALESCE(sum(write_time), 0)::float8, "
        "COALESCE(sum(fsyncs), 0)::float8, COALESCE(sum(fsync_time), 0)::float8 FROM pg_stat_io WHERE object = 'wal'")
@@ -42,32 +47,16 @@ _ACTIVITY = ("SELECT COALESCE(wait_event_type || ':' || wait_event, 'CPU') FROM 
 @dataclass
 class Reading:
     at: float
-    sums: dict[str, tuple[float, float]]
-    created: float
-    io: tuple[float, float, float, float]
-
-
-async def _metrics(client: httpx.AsyncClient, url: str) -> tuple[dict[str, tuple[float, float]], float]:
-    text = (await client.get(f"{url}/metrics")).text
-    sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in _WANTED}
-    created = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "preorder_orders_created_total":
-                created += sample.value
-            base, _, part = sample.name.rpartition("_")
-            if base in sums and part in ("sum", "count"):
-                if base.startswith("http_") and sample.labels.get("route") != "/api/preorder":
-                    continue
-                sums[base][0 if part == "sum" else 1] += sample.value
-    return {k: (v[0], v[1]) for k, v in sums.items()}, created
+    service: dict[str, float]  # _SAMPLES, cumulative
+    io: tuple[float, float, float, float]  # pg_stat_io's WAL writes, write ms, fsyncs, fsync ms, cumulative
 
 
 async def _read(client: httpx.AsyncClient, conn: asyncpg.Connection, url: str) -> Reading:
-    sums, created = await _metrics(client, url)
+    text = (await client.get(f"{url}/metrics")).text
     io = await conn.fetchrow(_IO)
     assert io is not None
-    return Reading(time.monotonic(), sums, created, (io[0], io[1], io[2], io[3]))
+    return Reading(time.monotonic(), service_metrics.sums(text, _SAMPLES, route="/api/preorder"),
+                   (io[0], io[1], io[2], io[3]))
 
 
 async def measure(service: str, database: str, *, seconds: float, every: float, synchronous_commit: str) -> None:
@@ -96,13 +85,14 @@ async def measure(service: str, database: str, *, seconds: float, every: float, 
 
 def _report(before: Reading, after: Reading, waits: Counter[str], samples: int, synchronous_commit: str) -> None:
     span = after.at - before.at
-    print(f"{span:.1f} s, synchronous_commit {synchronous_commit}: {(after.created - before.created) / span:,.0f} "
-          "orders/s")
-    for name, label in _WANTED.items():
-        total = after.sums[name][0] - before.sums[name][0]
-        count = after.sums[name][1] - before.sums[name][1]
-        if count:
-            mean = total / count
+
+    def delta(key: str) -> float:
+        return after.service[key] - before.service[key]
+
+    print(f"{span:.1f} s, synchronous_commit {synchronous_commit}: {delta('created') / span:,.0f} orders/s")
+    for label, name in _MEANS.items():
+        if delta(f"{label}/count"):
+            mean = delta(f"{label}/sum") / delta(f"{label}/count")
             print(f"  {label:<22} {mean * 1000:8.2f} ms" if name.endswith("seconds") else f"  {label:<22} {mean:8.1f}")
     writes, write_ms, fsyncs, fsync_ms = (a - b for a, b in zip(after.io, before.io, strict=True))
     print(f"  WAL writes {writes:,.0f} ({write_ms / max(writes, 1):.3f} ms each), "
