@@ -17,6 +17,7 @@ from typing import Annotated
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.telemetry import TelemetryConfig
 
 from preorder.auth import Principal, TokenVerifier
 from preorder.orders.schemas import OrderCreate
@@ -30,6 +31,9 @@ _ORDER = orjson.dumps({
     "updated_at": "2026-01-01T00:00:00Z",
 })
 _LOCATION = "/api/preorder/01936b2e-7d41-7c2a-9b1e-4f5a6b7c8d9e"
+# The service's option (preorder.app.NO_FRAMEWORK_TELEMETRY), spelled out here so that `--ref` can benchmark a
+# commit from before it against this ceiling.
+_NO_FRAMEWORK_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def _answer() -> Response:
@@ -37,7 +41,7 @@ def _answer() -> Response:
 
 
 def _new_app(title: str) -> FastAPI:
-    made = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
+    made = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None, telemetry=_NO_FRAMEWORK_TELEMETRY)
 
     @made.get("/healthz")
     async def healthz() -> dict[str, str]:
