@@ -69,9 +69,7 @@ def test_with_the_variables_unset_the_instrumentation_is_not_even_imported(setti
         f"create_app(make_settings({settings.database_url!r}, {settings.redis_url!r}))\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.instrumentation')))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    assert _last_line_in_a_fresh_interpreter(probe) == "[]"
 
 
 def test_a_global_tracer_provider_does_not_turn_on_fastapis_own_telemetry_beside_ours(settings):
@@ -80,26 +78,31 @@ def test_a_global_tracer_provider_does_not_turn_on_fastapis_own_telemetry_beside
     telemetry is the one described under Traces and Metrics, so that is off. In a fresh interpreter: the global
     provider is once per process."""
     probe = (
-        "import asyncio, httpx\n"
+        "import asyncio\n"
         "from opentelemetry import trace\n"
         "from opentelemetry.sdk.trace import TracerProvider\n"
         "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
         "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
         "from preorder.app import create_app\n"
-        "from tests.conftest import make_settings\n"
+        "from tests.conftest import asgi_client, make_settings\n"
         "exporter = InMemorySpanExporter()\n"
         "provider = TracerProvider()\n"
         "provider.add_span_processor(SimpleSpanProcessor(exporter))\n"
         "trace.set_tracer_provider(provider)\n"
         f"app = create_app(make_settings({settings.database_url!r}, {settings.redis_url!r}))\n"
         "async def main():\n"
-        "    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url='http://t') as c:\n"
+        "    async with asgi_client(app) as c:\n"
         "        r = await c.get('/openapi.json')\n"
         "        assert r.status_code == 200, r.status_code\n"
         "asyncio.run(main())\n"
         "print([s.name for s in exporter.get_finished_spans()])\n"
     )
+    assert _last_line_in_a_fresh_interpreter(probe) == "[]"
+
+
+def _last_line_in_a_fresh_interpreter(probe: str) -> str:
+    """What `probe` prints last, run by a new Python with no OTEL_* variable set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    return out.stdout.strip().splitlines()[-1]
