@@ -47,6 +47,7 @@ async def test_metrics_count_requests_by_route_template_and_refusals_by_reason(c
     assert [r.status_code for r in refused] == [409, 409]
     assert (await client.get(f"/api/preorder/{created[0].json()['order_id']}", headers=ME)).status_code == 200
     assert (await client.get("/no/such/path")).status_code == 404
+    assert (await client.get("/openapi.json")).status_code == 200
     after = await scrape(client)
 
     def delta(name: str, **labels: str) -> float:
@@ -57,6 +58,8 @@ async def test_metrics_count_requests_by_route_template_and_refusals_by_reason(c
     assert delta(red, method="POST", route="/api/preorder", status_class="4xx") == 2
     assert delta(red, method="GET", route="/api/preorder/{order_id}", status_class="2xx") == 1
     assert delta(red, method="GET", route="unmatched", status_class="4xx") == 1, "raw paths never become labels"
+    assert delta(red, method="GET", route="/openapi.json", status_class="2xx") == 1, "a plain route has its template"
+    assert delta(red, method="GET", route="unmatched", status_class="2xx") == 0
     assert delta("preorder_orders_created_total") == 2
     assert delta("preorder_order_create_refusals_total", reason="out_of_stock") == 1, "Redis said 0 left"
     assert delta("preorder_order_create_refusals_total", reason="sold_out_mark") == 1, "then memory said it"

@@ -32,6 +32,7 @@ class Observe:
     def __init__(self, app: ASGIApp, *, access_log: bool, log_format: logs.LogFormat = "json") -> None:
         self.app, self.access_log = app, access_log
         self._children: dict[tuple[str, str, int], Histogram] = {}
+        self._templates: dict[object, str] = {}  # endpoint -> template, of the plain routes (_plain_route)
         self._in_flight = metrics.IN_FLIGHT
         self._log = logs.access_logger(log_format)
 
@@ -65,12 +66,24 @@ class Observe:
 
     def _record(self, scope: Scope, status: int, seconds: float, info: logs.RequestInfo) -> None:
         route = scope.get("route")
-        template = getattr(route, "path", UNMATCHED)
+        template = getattr(route, "path", None) or self._plain_route(scope)
         method = scope["method"] if scope["method"] in _METHODS else "other"
         self._child(method, template, status // 100).observe(seconds)
         if self.access_log:
             self._log.info("request", method=method, route=template, status=status, request_id=info.request_id,
                            duration_ms=int(seconds * 1_000_000) / 1000, problem=info.problem)
+
+    def _plain_route(self, scope: Scope) -> str:
+        """FastAPI names the route in the scope only for its API routes: a plain Starlette route it matched (the
+        OpenAPI schema's) leaves its endpoint there instead, and this finds that route's template."""
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return UNMATCHED
+        template = self._templates.get(endpoint)
+        if template is None:
+            found = (r for r in getattr(scope.get("app"), "routes", ()) if getattr(r, "endpoint", None) is endpoint)
+            template = self._templates[endpoint] = getattr(next(found, None), "path", UNMATCHED)
+        return template
 
     def _child(self, method: str, route: str, status_class: int) -> Histogram:
         key = (method, route, status_class)
