@@ -74,9 +74,9 @@ _SEGMENT_MB = 16
 
 
 async def ready_wal(db_url: str) -> int:
-    """Give the embedded PostgreSQL the spare segments a running database has: fill min_wal_size of WAL and
-    checkpoint, which recycles the filled segments as the next ones (as many as it expects to need before the
-    next checkpoint: 34 with the default max_wal_size). Returns how many segments are ready ahead."""
+    """Give the embedded PostgreSQL the spare segments a running database has: switch through min_wal_size of
+    WAL and checkpoint, which recycles the old segments as the next ones (as many as it expects to need before
+    the next checkpoint: 34 with the default max_wal_size). Returns how many segments are ready ahead."""
     conn = await asyncpg.connect(db_url)
     try:
         await conn.execute(f"ALTER SYSTEM SET min_wal_size = '{WAL_READY_MB}MB'")
