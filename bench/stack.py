@@ -19,6 +19,7 @@ import httpx
 
 from bench import procs
 from preorder.auth import mint_token
+from preorder.db import asyncpg_dsn
 from preorder.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from preorder.settings import Settings
 
@@ -70,18 +71,18 @@ def start_backends(folder: Path, started: contextlib.ExitStack, *, core: int | N
 # while every commit waits (measured: all 64 creates stalled 70-85 ms once a segment, every 2-4 s). A database
 # that has run for a while recycles its old segments instead, up to min_wal_size (README "Performance").
 WAL_READY_MB = 1024
-_SEGMENT_MB = 16
 
 
 async def ready_wal(db_url: str) -> int:
     """Give the embedded PostgreSQL the spare segments a running database has: switch through min_wal_size of
     WAL and checkpoint, which recycles the old segments as the next ones (as many as it expects to need before
     the next checkpoint: 34 with the default max_wal_size). Returns how many segments are ready ahead."""
-    conn = await asyncpg.connect(db_url)
+    conn = await asyncpg.connect(asyncpg_dsn(db_url))
     try:
         await conn.execute(f"ALTER SYSTEM SET min_wal_size = '{WAL_READY_MB}MB'")
         await conn.execute("SELECT pg_reload_conf()")
-        for _ in range(WAL_READY_MB // _SEGMENT_MB):
+        segment = await conn.fetchval("SELECT pg_size_bytes(current_setting('wal_segment_size'))")
+        for _ in range(WAL_READY_MB * 2**20 // segment):
             # A switch with nothing written since the last one does nothing: write a record first.
             await conn.execute("SELECT pg_logical_emit_message(false, 'bench', 'ready'), pg_switch_wal()")
         await conn.execute("CHECKPOINT")
