@@ -279,21 +279,22 @@ class Stock:
                 return
 
     async def fresh_pages(self, product_id: str, *, reserved_before_ms: int, size: int = 1000
-                          ) -> AsyncIterator[list[tuple[uuid.UUID, int]]]:
-        """Fresh holds reserved before the given time (order id, reserved at ms), oldest first, a page at a time.
-        The caller forgets each page once it has settled it (forget_fresh): the next page starts after it."""
+                          ) -> AsyncIterator[list[bytes]]:
+        """The order ids (as Redis keeps them) of the fresh holds reserved before the given time, oldest first, a
+        page at a time. The caller forgets each page once it has settled it (forget_fresh): the next page starts
+        after it."""
         while True:
             page: list[Any] = await self.redis.zrangebyscore(
-                product_keys(product_id).fresh, "-inf", reserved_before_ms, start=0, num=size, withscores=True)
+                product_keys(product_id).fresh, "-inf", reserved_before_ms, start=0, num=size)
             if not page:
                 return
-            yield [(uuid.UUID(oid.decode()), int(at)) for oid, at in page]  # withscores: (member, score) pairs
+            yield page
             if len(page) < size:
                 return
 
-    async def forget_fresh(self, product_id: str, order_ids: list[uuid.UUID]) -> None:
-        if order_ids:
-            await self.redis.zrem(product_keys(product_id).fresh, *(str(o) for o in order_ids))
+    async def forget_fresh(self, product_id: str, members: list[bytes]) -> None:
+        if members:
+            await self.redis.zrem(product_keys(product_id).fresh, *members)
 
     async def holding(self, product_id: str, order_ids: list[uuid.UUID]) -> list[uuid.UUID]:
         """Which of these orders still hold stock in Redis."""

@@ -59,12 +59,19 @@ async def settle_holds(stock: Stock, product_id: str, *, orphan_hold_s: float) -
 
 
 async def settle_fresh(stock: Stock, product_id: str, *, orphan_hold_s: float) -> Settled:
-    """The fresh holds old enough to be judged: each has its order row by now, or never will (an orphan)."""
+    """The fresh holds old enough to be judged: each has its order row by now, or never will (an orphan). Most are
+    live orders keeping their holds: only the others come back from PostgreSQL."""
     done = Settled()
     judged_before_ms = await _redis_now_ms(stock, product_id) - int(orphan_hold_s * 1000)
     async for page in stock.fresh_pages(product_id, reserved_before_ms=judged_before_ms):
-        await _settle_page(stock, product_id, page, orphan_hold_s=orphan_hold_s, done=done)
-        await stock.forget_fresh(product_id, [order_id for order_id, _ in page])  # settled: matched or freed
+        for r in await stock_repo.not_live(stock.pool, b",".join(page).decode()):
+            if r["status"] is None:
+                done.orphans += await _count(stock.release(product_id, r["id"]))
+            elif r["status"] in RELEASED:
+                done.released += await _count(stock.release(product_id, r["id"]))
+            else:
+                done.dropped += await _count(stock.drop(product_id, r["id"]))
+        await stock.forget_fresh(product_id, page)  # settled: matched or freed
     return done
 
 
