@@ -14,7 +14,7 @@ from preorder.status import Status
 from preorder.stock import repository as stock_repo
 from preorder.stock.keys import product_keys
 from preorder.stock.service import Ask
-from preorder.workers.reconciler import Reconciler
+from preorder.workers.reconciler import Reconciler, settle_fresh
 from tests.conftest import bearer, command_calls, make_product, reset_command_stats
 from tests.invariants import assert_invariants
 
@@ -86,6 +86,29 @@ async def test_regular_pass_settles_a_cancel_or_ship_whose_redis_step_never_ran(
     assert await redis.hexists(K.holds, str(kept))
     again = await reconciler.run()
     assert (again.released, again.dropped) == (0, 0), "settling is exactly once"
+    await assert_invariants(db, redis)
+
+
+async def test_fresh_holds_judged_by_asking_postgresql_only_for_the_orders_that_are_not_live(app, client, db, redis):
+    await make_product(client, total_stock=10)
+    cancelled, shipped, kept = await _orders(client, 3)
+    orphan = new_id()
+    await app.state.stock.reserve(Ask("P1001", orphan, 2, "U-ghost", "127.0.0.1"))
+    await _change_without_settling(app, cancelled, "cancelled")
+    await _change_without_settling(app, shipped, "paid")
+    await _change_without_settling(app, shipped, "shipped", frm="paid")
+    page = await redis.zrange(K.fresh, 0, -1)
+    assert len(page) == 4
+
+    rows = await stock_repo.not_live(app.state.pool, b",".join(page).decode())
+    assert {r["id"]: r["status"] for r in rows} == {cancelled: "cancelled", shipped: "shipped", orphan: None}
+
+    await asyncio.sleep(ORPHAN_HOLD_S + 0.2)
+    done = await settle_fresh(app.state.stock, "P1001", orphan_hold_s=ORPHAN_HOLD_S)
+    assert (done.released, done.dropped, done.orphans) == (1, 1, 1)
+    assert await redis.hexists(K.holds, str(kept)) and not await redis.hexists(K.holds, str(orphan))
+    assert int(await redis.hget(K.stock, "reserved")) == 2, "the live and the shipped order's units"
+    assert await redis.zcard(K.fresh) == 0, "every judged hold is forgotten"
     await assert_invariants(db, redis)
 
 
