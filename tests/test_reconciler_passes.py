@@ -112,6 +112,21 @@ async def test_fresh_holds_judged_by_asking_postgresql_only_for_the_orders_that_
     await assert_invariants(db, redis)
 
 
+async def test_a_fresh_page_looks_each_order_up_by_its_key_even_in_a_small_table(app, client, db, redis):
+    """Asked as a join, a page of 1,000 ids read and hashed the whole orders table whenever PostgreSQL thought
+    it small, and a connection could keep that plan as the table grew (100-190 ms a page in the benchmark)."""
+    await make_product(client, total_stock=10_000)
+    written = await _orders(client, 3)
+    await db.execute("""INSERT INTO orders SELECT (jsonb_populate_record(NULL::orders,
+                            to_jsonb(o) || jsonb_build_object('id', gen_random_uuid()))).*
+                        FROM orders o, generate_series(1, 1000)""")  # 3,003 rows: small, but not one page
+    await db.execute("ANALYZE orders")
+    page = ",".join(str(o) for o in [*written, *(new_id() for _ in range(997))])
+    plan = "\n".join(row[0] for row in await db.fetch(f"EXPLAIN {stock_repo.NOT_LIVE}", page))
+    assert "Index Scan using orders_pkey on orders" in plan, plan
+    assert "Seq Scan on orders" not in plan, plan
+
+
 async def test_regular_pass_does_not_read_every_hold(app, client, db, redis):
     await make_product(client, total_stock=1000)
     await _orders(client, 200)
