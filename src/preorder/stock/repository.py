@@ -50,23 +50,25 @@ async def stock_epoch(pool: PgPool, product_id: str) -> int | None:
 
 
 async def order_statuses(conn: PgConn | PgPool, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    rows = await conn.fetch("SELECT id, status FROM orders WHERE id = ANY($1::uuid[])", ids)
+    rows = await conn.fetch(_BY_KEY.format(ids="$1::uuid[]", only="status IS NOT NULL"), ids)
     return {r["id"]: r["status"] for r in rows}
 
 
 # Of a page of order ids (the text of Redis's members, joined by commas): those without a row, or whose status gave
 # the stock back or kept it sold. The other orders keep their holds, and nothing about them comes back: a page
 # costs one string and a statement, not a uuid.UUID and a row per order (measured: that was most of the pass).
-# Each id is looked up by itself (a subquery per id, which PostgreSQL cannot turn into a join): as a join, the
+# Each id is looked up by itself (a subquery per id, which PostgreSQL cannot turn into a join; order_statuses
+# too): as a join, or as `id = ANY(ids)`, the
 # planner read and hashed the whole orders table for 1,000 ids whenever its statistics put the table under
 # 100,000-200,000 rows (100-190 ms a page in the benchmark, against ~5 ms by the primary key), and a connection
 # can keep such a plan as the table grows.
-NOT_LIVE = f"""
+_BY_KEY = """
     WITH page AS MATERIALIZED (
-        SELECT f.id, (SELECT o.status FROM orders o WHERE o.id = f.id) AS status
-        FROM unnest(string_to_array($1::text, ',')::uuid[]) AS f(id)
+        SELECT f.id, (SELECT o.status FROM orders o WHERE o.id = f.id) AS status FROM unnest({ids}) AS f(id)
     )
-    SELECT id, status FROM page WHERE status IS NULL OR status NOT IN {sql_list(LIVE)}"""
+    SELECT id, status FROM page WHERE {only}"""
+NOT_LIVE = _BY_KEY.format(ids="string_to_array($1::text, ',')::uuid[]",
+                          only=f"status IS NULL OR status NOT IN {sql_list(LIVE)}")
 
 
 async def not_live(conn: PgConn | PgPool, joined_ids: str) -> list[asyncpg.Record]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from preorder import metrics
 from preorder.cache import clock_ms
-from preorder.status import DROPPED, RELEASED
+from preorder.status import LIVE, RELEASED
 from preorder.stock import repository as stock_repo
 from preorder.stock.keys import product_keys
 from preorder.stock.service import Stock
@@ -65,12 +65,7 @@ async def settle_fresh(stock: Stock, product_id: str, *, orphan_hold_s: float) -
     judged_before_ms = await _redis_now_ms(stock, product_id) - int(orphan_hold_s * 1000)
     async for page in stock.fresh_pages(product_id, reserved_before_ms=judged_before_ms):
         for r in await stock_repo.not_live(stock.pool, b",".join(page).decode()):
-            if r["status"] is None:
-                done.orphans += await _count(stock.release(product_id, r["id"]))
-            elif r["status"] in RELEASED:
-                done.released += await _count(stock.release(product_id, r["id"]))
-            else:
-                done.dropped += await _count(stock.drop(product_id, r["id"]))
+            await _settle(stock, product_id, r["id"], r["status"], done)
         await stock.forget_fresh(product_id, page)  # settled: matched or freed
     return done
 
@@ -89,10 +84,7 @@ async def settle_changed(stock: Stock, *, since: datetime) -> Settled:
             by_product[r["product_id"]][r["id"]] = r["status"]
         for product_id, statuses in by_product.items():
             for order_id in await stock.holding(product_id, list(statuses)):
-                if statuses[order_id] in RELEASED:
-                    done.released += await _count(stock.release(product_id, order_id))
-                else:
-                    done.dropped += await _count(stock.drop(product_id, order_id))
+                await _settle(stock, product_id, order_id, statuses[order_id], done)
         after = (rows[-1]["updated_at"], rows[-1]["id"])
 
 
@@ -105,12 +97,18 @@ async def _settle_page(
         status = statuses.get(order_id)
         if status is None and now_ms - reserved_at_ms <= orphan_hold_s * 1000:
             done.young_unwritten += 1  # its write may still be running
-        elif status is None:
-            done.orphans += await _count(stock.release(product_id, order_id))
-        elif status in RELEASED:
-            done.released += await _count(stock.release(product_id, order_id))
-        elif status in DROPPED:
-            done.dropped += await _count(stock.drop(product_id, order_id))
+        elif status not in LIVE:
+            await _settle(stock, product_id, order_id, status, done)
+
+
+async def _settle(stock: Stock, product_id: str, order_id: uuid.UUID, status: str | None, done: Settled) -> None:
+    """A hold whose order is not live: no row (an orphan, old enough to judge), stock given back, or shipped."""
+    if status is None:
+        done.orphans += await _count(stock.release(product_id, order_id))
+    elif status in RELEASED:
+        done.released += await _count(stock.release(product_id, order_id))
+    else:
+        done.dropped += await _count(stock.drop(product_id, order_id))
 
 
 async def _count(settling: Any) -> int:
