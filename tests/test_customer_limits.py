@@ -16,8 +16,9 @@ from fastapi import FastAPI
 
 from preorder.app import create_app
 from preorder.orders.service import Orders
-from preorder.stock.keys import customer_keys, product_keys
-from preorder.workers.unpaid import recount_unpaid
+from preorder.stock.keys import UNPAID_RECOUNT_LEASE, customer_keys, product_keys
+from preorder.workers import unpaid
+from preorder.workers.unpaid import recount_unpaid, recount_unpaid_once
 from tests.conftest import ON_CLUSTER, asgi_client, bearer, make_product, make_settings
 from tests.invariants import assert_invariants
 
@@ -170,6 +171,54 @@ async def test_the_recount_repairs_a_leaked_unpaid_count(app, client, db, redis:
     await redis.delete(customer_keys("U1").unpaid)  # Redis lost it
     assert await recount_unpaid(orders) == 1 and await redis.get(customer_keys("U1").unpaid) == b"3"
     assert await recount_unpaid(orders) == 0, "nothing left to repair"
+
+
+async def test_the_recount_reads_the_counters_a_page_at_a_time(app, redis: aioredis.Redis) -> None:
+    """2,500 customers' counters: read with one MGET per page of 1,000 keys (a GET each took 2,500 round trips
+    of the web worker's loop every interval). A cluster reads one MGET per slot, so there only the values count."""
+    counters = {f"C{i:04d}": str(i % 7 + 1) for i in range(2_500)}
+    written = {customer_keys(user).unpaid: units for user, units in counters.items()}
+    await (redis.mset_nonatomic(written) if ON_CLUSTER else redis.mset(written))
+    customers = app.state.orders.stock.customers
+    before = {} if ON_CLUSTER else await redis.info("commandstats")
+    seen = {user: units async for user, units in customers.counted()}
+    assert seen == counters
+    if not ON_CLUSTER:
+        after = await redis.info("commandstats")
+
+        def calls(command: str) -> int:
+            return int(after.get(f"cmdstat_{command}", {}).get("calls", 0)) - int(
+                before.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        assert calls("get") == 0
+        assert calls("mget") == 3
+
+
+async def test_one_process_recounts_per_interval(app, client, redis: aioredis.Redis, monkeypatch) -> None:
+    """Every process wakes each interval; the one that takes the lease recounts, the others skip the pass and its
+    read of every pending order. Once the lease lapses (90% of the interval), the next wake recounts again."""
+    await make_product(client)
+    assert (await _order(client, "P1001", bearer("U1"), qty=2)).status_code == 201
+    await redis.set(customer_keys("U1").unpaid, 7)
+    orders: Orders = app.state.orders
+    reads = []
+    real_read = unpaid.repo.unpaid_by_customer
+
+    async def read_pending(conn: Any) -> dict[str, int]:
+        reads.append(1)
+        return await real_read(conn)
+
+    monkeypatch.setattr(unpaid.repo, "unpaid_by_customer", read_pending)
+    passes = await asyncio.gather(*(recount_unpaid_once(orders, every_s=30) for _ in range(4)))
+    assert sorted(passes, key=str) == [1, None, None, None], "one process recounted, three skipped"
+    assert len(reads) == 1, "the three that skipped read nothing from PostgreSQL"
+    assert await redis.get(customer_keys("U1").unpaid) == b"2"
+    assert 0 < await redis.pttl(UNPAID_RECOUNT_LEASE) <= 27_000
+
+    await redis.set(customer_keys("U1").unpaid, 5)
+    await redis.delete(UNPAID_RECOUNT_LEASE)  # as it lapses by its TTL, checked above
+    assert await recount_unpaid_once(orders, every_s=30) == 1
+    assert len(reads) == 2 and await redis.get(customer_keys("U1").unpaid) == b"2"
 
 
 async def test_a_sell_out_moment_gives_every_refused_customer_back_in_one_pipeline(client, db, redis, app):

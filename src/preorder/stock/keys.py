@@ -62,6 +62,7 @@ def customer_keys(user_id: str) -> CustomerKeys:
 
 
 UNPAID_PATTERN = "po:{u:*}:unpaid"  # SCAN pattern of every customer's unpaid counter (the recount)
+UNPAID_RECOUNT_LEASE = "po:unpaid:recount-lease"  # held by the one process that recounts in this interval
 
 
 def address_rate_key(address: str) -> str:

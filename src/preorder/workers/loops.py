@@ -10,7 +10,7 @@ from preorder import metrics
 from preorder.orders import repository as order_repo
 from preorder.orders.service import Orders
 from preorder.workers.reconciler import Reconciler, RedisWatch, Settled
-from preorder.workers.unpaid import recount_unpaid
+from preorder.workers.unpaid import recount_unpaid_once
 
 log = logging.getLogger("preorder.workers")
 
@@ -56,9 +56,10 @@ async def run_forever(orders: Orders) -> None:
             if due:
                 next_reconcile = time.monotonic() + orders.settings.reconcile_interval_s
             if time.monotonic() >= next_recount:
-                if fixed := await recount_unpaid(orders):
+                every_s = orders.settings.unpaid_recount_interval_s
+                if fixed := await recount_unpaid_once(orders, every_s=every_s):
                     log.warning("recounted %d customers' unpaid units from PostgreSQL", fixed)
-                next_recount = time.monotonic() + orders.settings.unpaid_recount_interval_s
+                next_recount = time.monotonic() + every_s
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a dependency is down: try again next round, never die

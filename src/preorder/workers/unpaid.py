@@ -6,12 +6,26 @@ losing its data (the counters are gone), or a give-back that failed while Redis 
 counters, then PostgreSQL's pending units per customer, and sets every counter that differs, but only if it has
 not moved in between (a compare-and-set in unpaid.lua). Margin: a create or payment of that customer still in
 flight during the pass (at most write_deadline_s) can make the count off by that order's units until the
-next pass."""
+next pass.
+
+One process of the deployment recounts per interval: each process wakes every interval, and the first to take a
+lease in Redis (a little shorter than the interval) does the pass; the others skip it. The pass reads every pending
+order in PostgreSQL, so done by every process it cost each one that read every interval."""
 
 from __future__ import annotations
 
 from preorder.orders import repository as repo
 from preorder.orders.service import Orders
+from preorder.stock.keys import UNPAID_RECOUNT_LEASE
+
+LEASE_SHARE = 0.9  # of the interval: the holder's own next wake finds its lease expired
+
+
+async def recount_unpaid_once(orders: Orders, *, every_s: float) -> int | None:
+    """The recount, if no other process took this interval's lease: how many counters it corrected, or None."""
+    if not await orders.redis.set(UNPAID_RECOUNT_LEASE, "1", nx=True, px=max(int(every_s * LEASE_SHARE * 1000), 1)):
+        return None
+    return await recount_unpaid(orders)
 
 
 async def recount_unpaid(orders: Orders) -> int:
